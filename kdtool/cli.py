@@ -1,0 +1,106 @@
+"""`kdtool <stage> [hydra overrides]`: one Hydra application per stage, dispatched on the first word."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from kdtool.errors import KdtoolError
+
+# stage -> (primary config, stage function name in kdtool.stages, what it does)
+STAGES = {
+    "train-teacher": ("train_teacher", "train_teacher", "train (or fine-tune) the teacher with cross-entropy"),
+    "distill": ("distill", "distill", "distil a teacher checkpoint into a student"),
+    "evaluate": ("evaluate", "evaluate", "compare checkpoints: accuracy, agreement, size, latency"),
+    "export": ("export", "export", "write TorchScript, ONNX and safetensors, each verified"),
+    "pipeline": ("pipeline", "pipeline", "all of the above on the default config, with a student-alone baseline"),
+}
+
+USAGE = """usage: kdtool <stage> [hydra overrides ...]
+
+stages:
+{stages}
+
+Each stage is a Hydra application: `kdtool <stage> --help` lists its config groups,
+`kdtool <stage> --cfg job` prints the composed config, `-m` runs a sweep, e.g.
+  kdtool distill -m temperature.value=1,4,8
+"""
+
+
+def _run(stage_fn: str, cfg: DictConfig) -> Any:
+    """Run a stage; a user's mistake becomes one line on stderr and exit status 2."""
+    from kdtool import stages
+
+    try:
+        return getattr(stages, stage_fn)(cfg)
+    except (KdtoolError, OmegaConfBaseException) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("KDTOOL_DEBUG") == "1":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OmegaConfBaseException):
+            key = getattr(e, "full_key", None)
+            msg = f"config error{f' at {key}' if key else ''}: {msg}"
+        print(f"kdtool: error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# module-level task functions: Hydra's launcher plugins pickle them
+def run_train_teacher(cfg: DictConfig) -> Any:
+    return _run("train_teacher", cfg)
+
+
+def run_distill(cfg: DictConfig) -> Any:
+    return _run("distill", cfg)
+
+
+def run_evaluate(cfg: DictConfig) -> Any:
+    return _run("evaluate", cfg)
+
+
+def run_export(cfg: DictConfig) -> Any:
+    return _run("export", cfg)
+
+
+def run_pipeline(cfg: DictConfig) -> Any:
+    return _run("pipeline", cfg)
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {
+    "train-teacher": run_train_teacher,
+    "distill": run_distill,
+    "evaluate": run_evaluate,
+    "export": run_export,
+    "pipeline": run_pipeline,
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    return USAGE.format(stages="\n".join(f"  {name:<{width}}  {doc}" for name, (_, _, doc) in STAGES.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `kdtool` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in STAGES:
+        if argv and argv[0] in ("-h", "--help", "help"):
+            print(usage())
+            sys.exit(0)
+        if argv:
+            print(f"kdtool: unknown stage '{argv[0]}'\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    stage = argv[0]
+    config_name = STAGES[stage][0]
+    sys.argv = [f"kdtool {stage}", *argv[1:]]
+    app = hydra.main(version_base="1.3", config_path="pkg://kdtool.configs", config_name=config_name)(TASKS[stage])
+    app()
+
+
+if __name__ == "__main__":
+    main()

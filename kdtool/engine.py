@@ -1,0 +1,304 @@
+"""The one training loop every stage uses, and the evaluation helpers around it."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdtool.checkpoints import atomic_write_text
+from kdtool.errors import KdtoolError
+
+log = logging.getLogger("kdtool")
+
+
+class Classifier(nn.Module):
+    """A timm network behind its own input normalisation: takes images in [0, 1], returns logits.
+
+    Each model carries the mean and std it was trained with, so a teacher pretrained on ImageNet
+    statistics and a student trained on the data set's own can share one batch.
+    """
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.net = net
+        c = len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) * self.inv_std)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks the GPU when there is one; anything else is taken as a torch device name."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise KdtoolError(f"device={name} is not a device name: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdtoolError(f"device={name} asked for a GPU but torch sees none; use device=auto or device=cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a precision name: fp32 (none), bf16 or fp16."""
+    if precision in (None, "fp32", "32"):
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise KdtoolError(f"train.precision={precision} is not one of fp32, bf16, fp16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_precision(device: torch.device, precision: str) -> str:
+    """Fall back to a precision the device supports, with a warning."""
+    if precision == "fp16" and device.type == "cpu":
+        warnings.warn("train.precision=fp16 is not supported on the CPU; using bf16 autocast instead", stacklevel=2)
+        return "bf16"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU has no bf16; using fp16 autocast instead", stacklevel=2)
+        return "fp16"
+    return precision
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, precision: str = "fp32", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (float32, on the CPU) and labels of a model over a loader."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outs, labels = [], []
+    for x, y, _ in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            outs.append(model(x).float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(outs).cpu(), torch.cat(labels).cpu()
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%), errors, and mean cross-entropy."""
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    correct1 = (topk[:, 0] == labels).sum().item()
+    correct5 = (topk == labels[:, None]).any(dim=1).sum().item()
+    n = len(labels)
+    return {
+        "acc1": 100.0 * correct1 / n,
+        "acc5": 100.0 * correct5 / n,
+        "errors": int(n - correct1),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "n": n,
+    }
+
+
+# ---------------------------------------------------------------- training
+
+
+class Task(Protocol):
+    """What a stage trains: its modules, and a loss for one batch."""
+
+    def trainable(self) -> list[nn.Module]: ...
+    def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]: ...
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class FitResult:
+    """What `fit` leaves behind: the per-epoch history and the best epoch's validation metrics."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+class NonFiniteLoss(KdtoolError):
+    """The loss became NaN or infinite."""
+
+
+def fit(
+    task: Task,
+    model: nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    train_cfg: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    on_epoch_end: Callable[[int, dict[str, Any], bool], None],
+    metrics_dir: Path | None,
+    title: str = "train",
+    is_main: bool = True,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    start_epoch: int = 0,
+    history: list[dict[str, Any]] | None = None,
+    best: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train `task` for train_cfg.epochs, validating `model` after every epoch.
+
+    `on_epoch_end(epoch, metrics, is_best)` saves checkpoints; `metrics_dir` receives metrics.jsonl
+    and metrics.csv. Best is chosen on validation accuracy only.
+    """
+    epochs = int(train_cfg["epochs"])
+    precision = str(train_cfg.get("precision", "fp32"))
+    channels_last = bool(train_cfg.get("channels_last", False))
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    params = [p for m in task.trainable() for p in m.parameters() if p.requires_grad]
+    clip = train_cfg.get("grad_clip")
+    log_every = max(1, int(train_cfg.get("log_every", 50)))
+    check_each_step = device.type == "cpu"  # a NaN check costs a device sync on GPUs
+    result = FitResult(history=list(history or []), best=dict(best or {}))
+    progress = _Progress(enabled=is_main and bool(train_cfg.get("progress", True)))
+
+    for epoch in range(start_epoch, epochs):
+        for m in task.trainable():
+            m.train()
+        schedule_values = task.start_epoch(epoch, epochs)
+        sums: dict[str, torch.Tensor] = {}
+        seen = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        t0 = time.perf_counter()
+        wait = 0.0
+        steps = len(train_loader)
+        progress.start(f"{title} {epoch + 1}/{epochs}", steps)
+        it = iter(train_loader)
+        for step in range(steps):
+            tw = time.perf_counter()
+            x, y, idx = next(it)
+            wait += time.perf_counter() - tw
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                loss, logits, terms = task.step(x, y, idx)
+            if check_each_step or (step + 1) % log_every == 0:
+                _check_finite(loss, terms, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            scaler.step(optimizer)
+            scaler.update()
+            n = y.shape[0]
+            with torch.no_grad():
+                seen += n
+                correct += (logits.argmax(1) == y).sum()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+            if (step + 1) % log_every == 0:
+                progress.update(step + 1, loss.item())
+        if scheduler is not None:
+            scheduler.step()
+        totals = torch.stack([seen, correct, *sums.values()]) if sums else torch.stack([seen, correct])
+        if reduce is not None:
+            totals = reduce(totals)
+        totals = totals.tolist()
+        train_time = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": sum(totals[2:]) / totals[0],
+            **{f"train_{k}": v / totals[0] for k, v in zip(sums.keys(), totals[2:])},
+            "train_acc1": 100.0 * totals[1] / totals[0],
+            **schedule_values,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": train_time,
+            "data_wait_s": wait,
+        }
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}; lower the learning rate or check the data")
+        val = classification_metrics(*predict(model, val_loader, precision, channels_last))
+        metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+        is_best = not result.best or metrics["val_acc1"] > result.best["val_acc1"]
+        if is_best:
+            result.best = dict(metrics)
+        result.history.append(metrics)
+        progress.finish()
+        if is_main:
+            log.info(_epoch_line(title, metrics, epochs))
+            if metrics_dir is not None:
+                write_metrics(metrics_dir, result.history)
+        on_epoch_end(epoch, metrics, is_best)
+    return result
+
+
+def _check_finite(loss: torch.Tensor, terms: Mapping[str, torch.Tensor], epoch: int, step: int) -> None:
+    if torch.isfinite(loss):
+        return
+    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+    raise NonFiniteLoss(
+        f"loss term {', '.join(bad)} became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
+        "the last good checkpoint is kept; lower the learning rate or check the data"
+    )
+
+
+def _epoch_line(title: str, m: Mapping[str, Any], epochs: int) -> str:
+    extra = "".join(f" {k[6:]}={m[k]:.4f}" for k in m if k.startswith("train_") and k not in ("train_loss", "train_acc1"))
+    temp = f" T={m['temperature']:.2f}" if "temperature" in m else ""
+    return (
+        f"{title} epoch {m['epoch']}/{epochs}: loss={m['train_loss']:.4f}{extra}{temp} "
+        f"train_acc={m['train_acc1']:.2f} val_acc={m['val_acc1']:.2f} val_loss={m['val_loss']:.4f} "
+        f"({m['epoch_time_s']:.1f}s)"
+    )
+
+
+def write_metrics(folder: Path, history: list[Mapping[str, Any]]) -> None:
+    """Rewrite metrics.jsonl and metrics.csv atomically from the whole history."""
+    atomic_write_text(folder / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(folder / "metrics.csv", buf.getvalue())
+
+
+class _Progress:
+    """A rich progress bar per epoch, on a terminal only; throttled to `log_every` steps."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def start(self, description: str, total: int) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, loss="-")
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, loss=f"{loss:.4f}")
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

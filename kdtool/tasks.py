@@ -1,0 +1,148 @@
+"""What a training stage optimises: plain cross-entropy, or distillation from a frozen teacher."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdtool.errors import KdtoolError
+from kdtool.strategies import StepOutputs, Strategy
+
+
+def temperature_at(cfg: Mapping[str, Any], epoch: int, epochs: int) -> float:
+    """The temperature in force during `epoch` (0-based) under the configured schedule."""
+    schedule = cfg.get("schedule", "constant")
+    progress = epoch / max(1, epochs - 1)
+    if schedule == "constant":
+        return float(cfg["value"])
+    start, end = float(cfg["start"]), float(cfg["end"])
+    if schedule == "linear":
+        return start + (end - start) * progress
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise KdtoolError(f"unknown temperature schedule '{schedule}': choose constant, linear or cosine")
+
+
+def check_temperature(cfg: Mapping[str, Any]) -> None:
+    """Refuse non-positive temperatures before any training."""
+    keys = ["value"] if cfg.get("schedule", "constant") == "constant" else ["start", "end"]
+    for key in keys:
+        value = cfg.get(key)
+        if value is None or not float(value) > 0:
+            raise KdtoolError(f"temperature.{key}={value} must be a number > 0 (e.g. temperature.{key}=4)")
+
+
+class FeatureTaps:
+    """Forward hooks that keep the outputs of named modules of a network during a forward pass."""
+
+    def __init__(self, net: nn.Module, names: list[str]):
+        modules = dict(net.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise KdtoolError(
+                f"no module named {', '.join(missing)} in {type(net).__name__}; "
+                f"taps can be: {', '.join(feature_stage_names(net))}"
+            )
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in dict.fromkeys(names)]
+
+    def _keep(self, name: str):
+        def hook(_module, _inputs, output):
+            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def feature_stage_names(net: nn.Module) -> list[str]:
+    """The module names timm's feature_info lists (the stages most strategies tap), else top-level children."""
+    info = getattr(net, "feature_info", None)
+    if info:
+        entries = info.info if hasattr(info, "info") else info
+        return [e["module"] for e in entries]
+    return [n for n, _ in net.named_children()]
+
+
+class SupervisedTask:
+    """Cross-entropy on labels: training a teacher, or a student without one."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def trainable(self) -> list[nn.Module]:
+        return [self.model]
+
+    def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        return {}
+
+    def step(self, x, y, idx):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return loss, logits, {"ce": loss}
+
+
+class DistillTask:
+    """ce_weight * CE(student, labels) + the sum of every strategy's weighted term."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, strategies: Mapping[str, Strategy],
+                 ce_weight: float, temperature: Mapping[str, Any], teacher_outputs: Any = None):
+        self.student, self.teacher = student, teacher
+        self.strategies = dict(strategies)
+        self.ce_weight = float(ce_weight)
+        self.temperature_cfg = temperature
+        self.temperature = 1.0
+        if not self.ce_weight and not any(s.weight for s in self.strategies.values()):
+            raise KdtoolError("every loss weight is 0: set loss.ce_weight or a strategy's weight above 0")
+        self.teacher_outputs = teacher_outputs  # a callable (x, idx) -> logits, e.g. a cache
+        s_taps = sorted({t for s in self.strategies.values() for t in s.student_taps})
+        t_taps = sorted({t for s in self.strategies.values() for t in s.teacher_taps})
+        # hooks only where a strategy needs features: plain soft targets run the ordinary forward
+        self.student_taps = FeatureTaps(_net(student), s_taps) if s_taps else None
+        self.teacher_taps = FeatureTaps(_net(teacher), t_taps) if t_taps and teacher is not None else None
+
+    def trainable(self) -> list[nn.Module]:
+        return [self.student, *[s for s in self.strategies.values() if any(True for _ in s.parameters())]]
+
+    def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        if self.teacher is not None:
+            self.teacher.eval()
+        self.temperature = temperature_at(self.temperature_cfg, epoch, epochs)
+        return {"temperature": self.temperature}
+
+    def step(self, x, y, idx):
+        t_feats: dict[str, torch.Tensor] = {}
+        if self.teacher_outputs is not None:
+            t_logits = self.teacher_outputs(x, idx)
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            if self.teacher_taps is not None:
+                t_feats = self.teacher_taps.pop()
+        s_logits = self.student(x)
+        out = StepOutputs(s_logits, t_logits, y, self.temperature,
+                          self.student_taps.pop() if self.student_taps is not None else {}, t_feats)
+        terms = {}
+        if self.ce_weight:
+            terms["ce"] = self.ce_weight * F.cross_entropy(s_logits, y)
+        for name, strategy in self.strategies.items():
+            if strategy.weight:
+                terms[name] = strategy.weight * strategy(out)
+        loss = sum(terms.values())
+        return loss, s_logits, terms
+
+
+def _net(model: nn.Module) -> nn.Module:
+    """The timm network inside a Classifier (or the model itself)."""
+    return getattr(model, "net", model)
