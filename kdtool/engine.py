@@ -81,13 +81,16 @@ def check_precision(device: torch.device, precision: str) -> str:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, precision: str = "fp32", channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits (float32, on the CPU) and labels of a model over a loader."""
+def predict(model: nn.Module, loader: Iterable, precision: str = "fp32", channels_last: bool = False,
+            limit_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (float32, on the CPU) and labels of a model over a loader (or its first batches)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outs, labels = [], []
-    for x, y, _ in loader:
+    for i, (x, y, _) in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -181,6 +184,8 @@ def fit(
         t0 = time.perf_counter()
         wait = 0.0
         steps = len(train_loader)
+        if train_cfg.get("limit_train_batches"):
+            steps = min(steps, int(train_cfg["limit_train_batches"]))
         progress.start(f"{title} {epoch + 1}/{epochs}", steps)
         it = iter(train_loader)
         for step in range(steps):
@@ -227,7 +232,8 @@ def fit(
         }
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}; lower the learning rate or check the data")
-        val = classification_metrics(*predict(model, val_loader, precision, channels_last))
+        val = classification_metrics(*predict(model, val_loader, precision, channels_last,
+                                              train_cfg.get("limit_eval_batches")))
         metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         is_best = not result.best or metrics["val_acc1"] > result.best["val_acc1"]
         if is_best:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+import os
+import socket
+from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -168,19 +173,22 @@ def create_model(
         args["img_size"] = list(img_size)
     extra: dict[str, Any] = {}
     if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise KdtoolError(f"pretrained_file {pretrained_file} does not exist")
         extra["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained or bool(pretrained_file), num_classes=num_classes,
-            in_chans=in_chans, **extra, **args,
-        )
+        with _hub_offline_unless_reachable(pretrained and not pretrained_file):
+            model = timm.create_model(
+                name, pretrained=pretrained or bool(pretrained_file), num_classes=num_classes,
+                in_chans=in_chans, **extra, **args,
+            )
     except KdtoolError:
         raise
     except TypeError as e:
         raise KdtoolError(f"model '{name}' does not take the arguments {sorted(args)}: {e}") from e
     except Exception as e:
         if pretrained or pretrained_file:
-            where = pretrained_file or "the Hugging Face hub (no network, or not in the local cache)"
+            where = pretrained_file or "the Hugging Face hub (not reachable, and not in the local cache)"
             raise KdtoolError(
                 f"could not load pretrained weights for '{name}' from {where}: {_first_line(e)}; "
                 "put the weights in the Hugging Face cache (HF_HOME), pass pretrained_file=PATH, "
@@ -189,6 +197,37 @@ def create_model(
         raise
     spec = dict(name=name, num_classes=num_classes, in_chans=in_chans, kwargs=args)
     return model, spec
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(active: bool):
+    """Use only the local Hugging Face cache when the hub cannot be reached.
+
+    Without this, an unreachable hub costs about a minute of retries before the same failure.
+    """
+    if not active:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    if not before and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy may reach what a direct connection cannot
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def rebuild_model(spec: Mapping[str, Any]) -> nn.Module:
