@@ -270,10 +270,15 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.device, self.augment = device, dict(augment or {})
         self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+        self.generator = torch.Generator()
         self.scale = 1.0 / 255.0 if self.images.dtype == torch.uint8 else 1.0
         n = len(self.labels) // world_size if world_size > 1 else len(self.labels)
         self.num_samples = n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at `epoch` (for resuming)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
@@ -281,6 +286,9 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         total = len(self.labels)
+        # one seed per epoch: a resumed run sees the same order and augmentation as an uninterrupted one
+        self.generator.manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
         if self.shuffle:
             order = torch.randperm(total, generator=self.generator)
         else:
@@ -343,21 +351,27 @@ class _FileLoader:
         sampler = (DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)
                    if world_size > 1 else None)
         self.sampler = sampler
-        self.epoch = 0
+        self.seed, self.epoch = seed, 0
+        self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=workers, pin_memory=bool(loader_cfg.get("pin_memory", device.type == "cuda")),
             persistent_workers=bool(loader_cfg.get("persistent_workers", True)) and workers > 0,
-            generator=torch.Generator().manual_seed(seed),
+            generator=self.generator,
         )
         self.device = device
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at `epoch` (for resuming)."""
+        self.epoch = epoch
+
     def __iter__(self):
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
-            self.epoch += 1
+        self.generator.manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
