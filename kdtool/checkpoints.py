@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,8 +66,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"refusing to load {path}: it holds pickled objects that could run code "
             f"({what.split(' was not')[0][:200]}); only load checkpoints that kdtool wrote"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise KdtoolError(f"{path} is not a readable checkpoint (truncated or not a torch file): {str(e).splitlines()[0][:200]}") from e
+    except Exception as e:  # torch.load fails on garbage with many types (KeyError, EOFError, RuntimeError, ...)
+        reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise KdtoolError(f"{path} is not a readable checkpoint (truncated, or not a torch file): {reason}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise KdtoolError(f"{path} is not a kdtool checkpoint (no '{FORMAT}' header); kdtool reads only its own checkpoints")
     return data
