@@ -35,8 +35,10 @@ Each stage is a Hydra application: `kdtool <stage> --help` lists its config grou
 def _run(stage_fn: str, cfg: DictConfig) -> Any:
     """Run a stage; a user's mistake becomes one line on stderr and exit status 2."""
     from kdtool import stages
+    from kdtool.validate import validate
 
     try:
+        validate(cfg)
         return getattr(stages, stage_fn)(cfg)
     except (KdtoolError, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("KDTOOL_DEBUG") == "1":

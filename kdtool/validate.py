@@ -1,0 +1,101 @@
+"""Checks of a composed config that run before any work: each failure is one KdtoolError line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdtool.errors import KdtoolError
+
+TRAINING_STAGES = ("train-teacher", "distill", "pipeline")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise KdtoolError for the first thing in `cfg` that cannot work; return quietly otherwise."""
+    stage = str(cfg.get("stage"))
+    if stage in TRAINING_STAGES:
+        _training(cfg, stage)
+    if stage == "evaluate":
+        paths = list(cfg.get("checkpoints") or [])
+        if not paths:
+            raise KdtoolError("evaluate needs checkpoints: kdtool evaluate 'checkpoints=[teacher.pt,student.pt]'")
+        for p in paths:
+            _file(p, "checkpoint")
+    if stage == "export":
+        if not cfg.get("checkpoint"):
+            raise KdtoolError("export needs a checkpoint: kdtool export checkpoint=PATH")
+        _file(cfg.checkpoint, "checkpoint")
+    if stage in ("export", "pipeline"):
+        from kdtool.export import FILENAMES
+
+        unknown = [f for f in cfg.formats if f not in FILENAMES]
+        if unknown or not cfg.formats:
+            raise KdtoolError(f"formats={list(cfg.formats)}: choose one or more of {', '.join(FILENAMES)}")
+        _positive(cfg, "atol", allow_zero=False)
+
+
+def _training(cfg: DictConfig, stage: str) -> None:
+    from kdtool.datasets import DATASETS, FILE_DATASETS
+    from kdtool.models import check_model_name
+
+    name = cfg.dataset.get("name")
+    if name not in DATASETS and name not in FILE_DATASETS:
+        raise KdtoolError(f"unknown data set '{name}': choose one of {', '.join([*DATASETS, *FILE_DATASETS])}")
+    val_size = cfg.dataset.get("val_size")
+    if val_size is not None and not float(val_size) > 0:
+        raise KdtoolError(f"dataset.val_size={val_size} must be > 0 (a count, or a fraction below 1)")
+    roles = ["teacher"] if stage == "train-teacher" else ["student"] if stage == "distill" else ["teacher", "student"]
+    for role in roles:
+        check_model_name(str(cfg[role].name))
+    train = cfg.train
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        value = train.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise KdtoolError(f"train.{key}={value} must be a whole number >= 1")
+    _positive(train, "lr", allow_zero=False, prefix="train.")
+    _positive(train, "weight_decay", prefix="train.")
+    if not 0 <= float(train.get("label_smoothing", 0.0)) < 1:
+        raise KdtoolError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+    if train.get("precision", "fp32") not in PRECISIONS:
+        raise KdtoolError(f"train.precision={train.precision} must be one of {', '.join(PRECISIONS)}")
+    from kdtool.engine import resolve_device
+
+    resolve_device(str(cfg.get("device", "auto")))
+    if stage in ("distill", "pipeline"):
+        from kdtool.strategies import build_strategies
+        from kdtool.tasks import check_temperature
+
+        check_temperature(cfg.temperature)
+        _positive(cfg.loss, "ce_weight", prefix="loss.")
+        strategies: Mapping[str, Any] = cfg.get("strategies") or {}
+        for sname, sub in strategies.items():
+            if isinstance(sub, Mapping) and sub.get("weight") is not None:
+                _positive(sub, "weight", prefix=f"strategies.{sname}.")
+        build_strategies(strategies)  # unknown names and bad settings fail here, before any data is read
+        checkpoint = cfg.teacher.get("checkpoint")
+        if stage == "distill" and checkpoint:
+            _file(checkpoint, "teacher checkpoint")
+
+
+def _positive(node: Any, key: str, allow_zero: bool = True, prefix: str = "") -> None:
+    value = node.get(key)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise KdtoolError(f"{prefix}{key}={value} must be a number") from None
+    if number < 0 or (not allow_zero and number == 0) or number != number:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise KdtoolError(f"{prefix}{key}={value} must be {bound}")
+
+
+def _file(path: Any, what: str) -> None:
+    if not Path(str(path)).is_file():
+        raise KdtoolError(f"{what} {path} does not exist")
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers, every interpolation resolved (fails on a bad interpolation)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
