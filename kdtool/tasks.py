@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,12 @@ class SupervisedTask:
         return loss, logits, {"ce": loss}
 
 
+def check_loss_weights(ce_weight: float, strategies: Mapping[str, Strategy]) -> None:
+    """Refuse a run in which no loss term has a weight above 0."""
+    if not float(ce_weight) and not any(s.weight for s in strategies.values() if s.contributes_term):
+        raise KdtoolError("every loss weight is 0: set loss.ce_weight or a strategy's weight above 0")
+
+
 class DistillTask:
     """ce_weight * CE(student, labels) + the sum of every strategy's weighted term."""
 
@@ -103,11 +110,12 @@ class DistillTask:
         self.ce_weight = float(ce_weight)
         self.temperature_cfg = temperature
         self.temperature = 1.0
-        if not self.ce_weight and not any(s.weight for s in self.strategies.values()):
-            raise KdtoolError("every loss weight is 0: set loss.ce_weight or a strategy's weight above 0")
+        check_loss_weights(self.ce_weight, self.strategies)
         self.teacher_outputs = teacher_outputs  # a callable (x, idx) -> logits, e.g. a cache
-        s_taps = sorted({t for s in self.strategies.values() for t in s.student_taps})
-        t_taps = sorted({t for s in self.strategies.values() for t in s.teacher_taps})
+        # the terms computed each step; a strategy with weight 0 costs nothing (no hooks, no forward)
+        self.terms = {n: s for n, s in self.strategies.items() if s.contributes_term and s.weight}
+        s_taps = sorted({t for s in self.terms.values() for t in s.student_taps})
+        t_taps = sorted({t for s in self.terms.values() for t in s.teacher_taps})
         # hooks only where a strategy needs features: plain soft targets run the ordinary forward
         self.student_taps = FeatureTaps(_net(student), s_taps) if s_taps else None
         self.teacher_taps = FeatureTaps(_net(teacher), t_taps) if t_taps and teacher is not None else None
@@ -123,9 +131,9 @@ class DistillTask:
 
     def step(self, x, y, idx):
         t_feats: dict[str, torch.Tensor] = {}
-        if self.teacher_outputs is not None:
+        if self.teacher_outputs is not None and self.teacher_taps is None:
             t_logits = self.teacher_outputs(x, idx)
-        else:
+        else:  # teacher features cannot be cached: run the teacher
             with torch.no_grad():
                 t_logits = self.teacher(x)
             if self.teacher_taps is not None:
@@ -133,14 +141,21 @@ class DistillTask:
         s_logits = self.student(x)
         out = StepOutputs(s_logits, t_logits, y, self.temperature,
                           self.student_taps.pop() if self.student_taps is not None else {}, t_feats)
+        for strategy in self.strategies.values():
+            strategy.prepare(x, out)
         terms = {}
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(s_logits, y)
-        for name, strategy in self.strategies.items():
-            if strategy.weight:
-                terms[name] = strategy.weight * strategy(out)
+        for name, strategy in self.terms.items():
+            terms[name] = strategy.weight * strategy(out)
         loss = sum(terms.values())
         return loss, s_logits, terms
+
+    def close(self) -> None:
+        """Remove the feature hooks."""
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.remove()
 
 
 def _net(model: nn.Module) -> nn.Module:
