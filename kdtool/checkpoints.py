@@ -29,6 +29,7 @@ def atomic_write(path: str | Path, write: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; run files are as readable as any other
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -37,6 +38,12 @@ def atomic_write(path: str | Path, write: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
