@@ -74,7 +74,40 @@ def check_precision(device: torch.device, precision: str) -> str:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         warnings.warn("this GPU has no bf16; using fp16 autocast instead", stacklevel=2)
         return "fp16"
+    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
+        # measured by scripts/bench.py on an AVX2 CPU: about 10x slower than fp32
+        warnings.warn("train.precision=bf16: this CPU has no native bf16 instructions, so bf16 autocast runs "
+                      "several times slower than fp32 here; train.precision=fp32 is faster on it", stacklevel=2)
     return precision
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume nothing
+        return True
+
+
+def compile_modules(modules: Iterable[nn.Module], device: torch.device) -> bool:
+    """torch.compile each module in place; where torch.compile cannot run here, warn and leave them eager.
+
+    A tiny function is compiled first: a missing C compiler (CPU) or Triton (GPU), or an unsupported
+    Python, fails there in seconds instead of at the first training step.
+    """
+    try:
+        torch.compile(_compile_probe)(torch.ones(4, device=device))
+    except Exception as e:  # the reasons are many (toolchain, platform, Python version) and all mean eager
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"train.compile=true, but torch.compile does not work here ({first}); training without it",
+                      stacklevel=2)
+        return False
+    for m in modules:
+        m.compile()
+    return True
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x) * 2 + 1
 
 
 # ---------------------------------------------------------------- evaluation
@@ -156,12 +189,21 @@ def fit(
     start_epoch: int = 0,
     history: list[dict[str, Any]] | None = None,
     best: dict[str, Any] | None = None,
+    replicas: Replicas | None = None,
 ) -> FitResult:
     """Train `task` for train_cfg.epochs, validating `model` after every epoch.
 
     `on_epoch_end(epoch, metrics, is_best)` saves checkpoints; `metrics_dir` receives metrics.jsonl
-    and metrics.csv. Best is chosen on validation accuracy only.
+    and metrics.csv. Best is chosen on validation accuracy only. `reduce` sums the epoch's counts
+    over processes; `replicas` (kdtool.distributed) also averages gradients across them.
     """
+    if replicas is not None and replicas.world_size > 1:
+        is_main = is_main and replicas.is_main
+        reduce = reduce or replicas.reduce
+        # one module holding every trainable part, so DDP averages adaptor gradients with the student's
+        step_fn = replicas.wrap(_TaskModule(task))
+    else:
+        replicas, step_fn = None, task.step
     epochs = int(train_cfg["epochs"])
     precision = str(train_cfg.get("precision", "fp32"))
     channels_last = bool(train_cfg.get("channels_last", False))
@@ -170,7 +212,8 @@ def fit(
     params = [p for m in task.trainable() for p in m.parameters() if p.requires_grad]
     clip = train_cfg.get("grad_clip")
     log_every = max(1, int(train_cfg.get("log_every", 50)))
-    check_each_step = device.type == "cpu"  # a NaN check costs a device sync on GPUs
+    # float64 sums keep counts exact over any epoch; MPS has no float64
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     result = FitResult(history=list(history or []), best=dict(best or {}))
     progress = _Progress(enabled=is_main and bool(train_cfg.get("progress", True)))
 
@@ -178,10 +221,12 @@ def fit(
         for m in task.trainable():
             m.train()
         schedule_values = task.start_epoch(epoch, epochs)
-        sums: dict[str, torch.Tensor] = {}
-        seen = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        t0 = time.perf_counter()
+        # per step: one stack and two in-place adds, whatever the number of loss terms, and no device sync
+        names: list[str] = []
+        term_sums = torch.zeros(0, device=device, dtype=acc_dtype)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen, checked = 0, 0
+        t0, c0 = time.perf_counter(), time.process_time()
         wait = 0.0
         steps = len(train_loader)
         if train_cfg.get("limit_train_batches"):
@@ -195,9 +240,7 @@ def fit(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
-                loss, logits, terms = task.step(x, y, idx)
-            if check_each_step or (step + 1) % log_every == 0:
-                _check_finite(loss, terms, epoch, step)
+                loss, logits, terms = step_fn(x, y, idx)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if clip:
@@ -206,32 +249,43 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             n = y.shape[0]
+            seen += n
             with torch.no_grad():
-                seen += n
-                correct += (logits.argmax(1) == y).sum()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+                if not names:
+                    names = list(terms)
+                    term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
+                term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
+                correct.add_((logits.argmax(1) == y).sum())
             if (step + 1) % log_every == 0:
-                progress.update(step + 1, loss.item())
+                # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
+                running = term_sums.tolist()
+                _check_finite(names, running, epoch, checked, step)
+                checked = step + 1
+                progress.update(step + 1, sum(running) / seen)
         if scheduler is not None:
             scheduler.step()
-        totals = torch.stack([seen, correct, *sums.values()]) if sums else torch.stack([seen, correct])
+        totals = torch.cat([torch.tensor([seen], device=device, dtype=acc_dtype),
+                            correct.to(acc_dtype).view(1), term_sums])
         if reduce is not None:
-            totals = reduce(totals)
+            totals = reduce(totals)  # [images, correct, sum of each term x batch size], summed over ranks
         totals = totals.tolist()
+        _check_finite(names, totals[2:], epoch, checked, steps - 1)
         train_time = time.perf_counter() - t0
+        train_cpu = time.process_time() - c0
+        if replicas is not None:
+            for m in task.trainable():  # every rank validates rank 0's model, so all report one number
+                replicas.sync_buffers(m)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": sum(totals[2:]) / totals[0],
-            **{f"train_{k}": v / totals[0] for k, v in zip(sums.keys(), totals[2:])},
+            **{f"train_{k}": v / totals[0] for k, v in zip(names, totals[2:])},
             "train_acc1": 100.0 * totals[1] / totals[0],
             **schedule_values,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": train_time,
+            "epoch_cpu_s": train_cpu,
             "data_wait_s": wait,
         }
-        if not math.isfinite(metrics["train_loss"]):
-            raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch + 1}; lower the learning rate or check the data")
         val = classification_metrics(*predict(model, val_loader, precision, channels_last,
                                               train_cfg.get("limit_eval_batches")))
         metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
@@ -248,12 +302,37 @@ def fit(
     return result
 
 
-def _check_finite(loss: torch.Tensor, terms: Mapping[str, torch.Tensor], epoch: int, step: int) -> None:
-    if torch.isfinite(loss):
+class _TaskModule(nn.Module):
+    """A task's trainable modules as one module whose forward is the task's step (what DDP wraps)."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.parts = nn.ModuleList(task.trainable())
+        self.task = task
+
+    def forward(self, x, y, idx):
+        return self.task.step(x, y, idx)
+
+
+class Replicas(Protocol):
+    """The processes of a data-parallel run (kdtool.distributed.Replicas)."""
+
+    world_size: int
+    is_main: bool
+
+    def wrap(self, module: nn.Module) -> nn.Module: ...
+    def reduce(self, totals: torch.Tensor) -> torch.Tensor: ...
+    def sync_buffers(self, module: nn.Module) -> None: ...
+
+
+def _check_finite(names: list[str], sums: list[float], epoch: int, first: int, last: int) -> None:
+    """Raise NonFiniteLoss naming the terms whose running sums are NaN or infinite."""
+    bad = [k for k, v in zip(names, sums) if not math.isfinite(v)]
+    if not bad:
         return
-    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+    where = f"step {last + 1}" if first == last else f"steps {first + 1}-{last + 1}"
     raise NonFiniteLoss(
-        f"loss term {', '.join(bad)} became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
+        f"loss term {', '.join(bad)} became non-finite in epoch {epoch + 1}, {where}; "
         "the last good checkpoint is kept; lower the learning rate or check the data"
     )
 
