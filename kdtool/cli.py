@@ -16,9 +16,14 @@ from kdtool.errors import KdtoolError
 STAGES = {
     "train-teacher": ("train_teacher", "train_teacher", "train (or fine-tune) the teacher with cross-entropy"),
     "distill": ("distill", "distill", "distil a teacher checkpoint into a student"),
-    "evaluate": ("evaluate", "evaluate", "compare checkpoints: accuracy, agreement, size, latency"),
+    "evaluate": ("evaluate", "evaluate", "compare checkpoints: accuracy, calibration, agreement, size, MACs, latency"),
     "export": ("export", "export", "write TorchScript, ONNX and safetensors, each verified"),
     "pipeline": ("pipeline", "pipeline", "all of the above on the default config, with a student-alone baseline"),
+}
+
+# commands that read run folders instead of composing a config: plain argparse, no Hydra run folder
+COMMANDS = {
+    "report": ("kdtool.summary", "summarise a sweep or several runs: ranked table, best run, mean ± std over seeds"),
 }
 
 USAGE = """usage: kdtool <stage> [hydra overrides ...]
@@ -82,13 +87,18 @@ TASKS: dict[str, Callable[[DictConfig], Any]] = {
 
 
 def usage() -> str:
-    width = max(map(len, STAGES))
-    return USAGE.format(stages="\n".join(f"  {name:<{width}}  {doc}" for name, (_, _, doc) in STAGES.items()))
+    docs = {**{name: doc for name, (_, _, doc) in STAGES.items()}, **{name: doc for name, (_, doc) in COMMANDS.items()}}
+    width = max(map(len, docs))
+    return USAGE.format(stages="\n".join(f"  {name:<{width}}  {doc}" for name, doc in docs.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kdtool` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]))
     if not argv or argv[0] not in STAGES:
         if argv and argv[0] in ("-h", "--help", "help"):
             print(usage())

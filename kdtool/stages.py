@@ -20,10 +20,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdtool import __version__
+from kdtool import __version__, distributed
+from kdtool.cache import cached_teacher_outputs, check_cacheable
 from kdtool.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint
 from kdtool.datasets import Data, load_data, make_loader
-from kdtool.engine import Classifier, check_precision, classification_metrics, fit, predict, resolve_device
+from kdtool.engine import (Classifier, check_precision, classification_metrics, compile_modules, fit, predict,
+                           resolve_device)
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model, pretrained_normalization, rebuild_model
 from kdtool.strategies import build_strategies
@@ -47,12 +49,13 @@ def setup_run(cfg: DictConfig) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    return resolve_device(str(cfg.get("device", "auto")))
+    _, device = distributed.init(resolve_device(str(cfg.get("device", "auto"))))  # under torchrun: this rank's
+    return device
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    """The run folder every file of this stage goes into."""
-    out = Path(str(cfg.output_dir))
+    """The run folder every file of this stage goes into (under torchrun, rank 0's on every rank)."""
+    out = Path(distributed.shared_output_dir(str(cfg.output_dir), resolve_device(str(cfg.get("device", "auto")))))
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -133,16 +136,22 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
     train_cfg["limit_train_batches"] = cfg.get("limit_train_batches")
     train_cfg["limit_eval_batches"] = cfg.get("limit_eval_batches")
     seed = int(cfg.seed)
+    ranks = distributed.replicas()  # one rank, unless under torchrun
     bs, ebs = int(train_cfg["batch_size"]), int(train_cfg.get("eval_batch_size", 1000))
     loader_cfg = cfg.dataset.get("loader")
     augment = cfg.dataset.get("augment")
     train_loader = make_loader(data.train, bs, shuffle=True, device=device, seed=seed, augment=augment,
-                               loader_cfg=loader_cfg)
+                               loader_cfg=loader_cfg, rank=ranks.rank, world_size=ranks.world_size)
+    # every rank validates on the whole validation split, so all agree on the best epoch
     val_loader = make_loader(data.val, ebs, shuffle=False, device=device, loader_cfg=loader_cfg)
     optimizer, scheduler = _optimizer(cfg, task.trainable())
+    # the teacher runs every step unless its logits come from the cache (cache.teacher=true)
+    teacher = getattr(task, "teacher", None) if getattr(task, "teacher_outputs", None) is None else None
     if train_cfg.get("channels_last"):
-        for m in task.trainable():
+        for m in [*task.trainable(), *([teacher] if teacher is not None else [])]:
             m.to(memory_format=torch.channels_last)
+    if train_cfg.get("compile"):
+        compile_modules([model, *([teacher] if teacher is not None else [])], device)
     base = {
         "stage": str(cfg.stage), "role": role, "model": spec, "input": norm, "classes": data.class_names,
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
@@ -157,6 +166,8 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
         return p
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
+        if not ranks.is_main:
+            return
         save_checkpoint(out / "last.pt", {**payload(metrics, epoch), "train_state": {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -164,17 +175,21 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
         if is_best:
             save_checkpoint(out / "best.pt", payload(metrics, epoch))
 
-    model_compiled = model
-    result = fit(task, model_compiled, train_loader, val_loader, train_cfg, optimizer, scheduler,
-                 on_epoch_end, out, title=title or role)
-    test = _test_best_and_last(model, out, data, device, ebs, train_cfg["precision"], loader_cfg,
-                               cfg.get("limit_eval_batches"))
+    result = fit(task, model, train_loader, val_loader, train_cfg, optimizer, scheduler, on_epoch_end, out,
+                 title=title or role, is_main=ranks.is_main, replicas=ranks)
+    test = None
+    if ranks.is_main:
+        test = _test_best_and_last(model, out, data, device, ebs, train_cfg["precision"], loader_cfg,
+                                   cfg.get("limit_eval_batches"))
+    test = ranks.broadcast(test)  # every rank returns the same summary; rank 0 alone writes it
     summary = {
         "stage": str(cfg.stage), "role": role, "model": spec["name"],
         "best_epoch": result.best["epoch"], "val": {k[4:]: v for k, v in result.best.items() if k.startswith("val_")},
         "test": test, "checkpoints": {"best": str(out / "best.pt"), "last": str(out / "last.pt")},
         "provenance": provenance(cfg, data, device),
     }
+    if not ranks.is_main:
+        return summary
     write_json(out / "results.json", summary)
     log.info(
         f"{role}: best epoch {summary['best_epoch']} (val acc {result.best['val_acc1']:.2f}); "
@@ -237,35 +252,186 @@ def load_teacher(path: str | Path, data: Data, device: torch.device) -> tuple[Cl
 
 
 def distill(cfg: DictConfig) -> float:
-    """Distil the teacher into the student; optionally also train the student alone (baseline)."""
+    """Distil the teacher into the student; optionally also train the student alone (baseline).
+
+    +strategy=multi_teacher distils from an ensemble of teachers and +strategy=self_distillation runs
+    born-again generations (see kdtool.strategies); configs and teachers are checked before any training.
+    """
+    from kdtool.tasks import check_loss_weights
+
     check_temperature(cfg.temperature)
     if float(cfg.loss.ce_weight) < 0:
         raise KdtoolError(f"loss.ce_weight={cfg.loss.ce_weight} is negative; loss weights must be >= 0")
     device = setup_run(cfg)
     strategies = build_strategies(cfg.get("strategies"))
+    check_loss_weights(cfg.loss.ce_weight, strategies)
+    self_distilling, multi = "self_distillation" in strategies, strategies.get("multi_teacher")
     path = cfg.teacher.get("checkpoint")
-    if not path:
+    if not path and not self_distilling and multi is None:
         path = latest_teacher(cfg.runs_dir)
         log.info(f"teacher: using the most recent train-teacher run's checkpoint {path}")
     data = load_data(cfg.dataset, seed=int(cfg.seed))
-    teacher, tckpt = load_teacher(path, data, device)
-    out = output_dir(cfg)
-    torch.manual_seed(int(cfg.seed))  # the baseline below starts from these same weights
-    model, spec, norm = build_classifier(cfg.student, data, device)
-    sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
-    for s in strategies.values():
-        s.setup(model, teacher, sample)
-        s.to(device)
-    task = DistillTask(model, teacher, strategies, cfg.loss.ce_weight, cfg.temperature)
-    extra = {"teacher": {"checkpoint": str(Path(path).resolve()), "model": tckpt["model"]["name"]}}
-    summary = train_model(cfg, task, model, spec, norm, data, device, out, role="student", extra=extra,
-                          title="distill")
+    if OmegaConf.select(cfg, "cache.teacher", default=False):
+        check_cacheable(data, cfg.dataset.get("augment"))  # before any training, not at the first student
+    if self_distilling:
+        out = output_dir(cfg)
+        summary = _self_distill(cfg, strategies, data, device, out)
+    else:
+        if multi is not None:
+            teachers = _load_ensemble(cfg, multi, data, device)
+            path, teacher, tckpt = teachers[0]
+        else:
+            teacher, tckpt = load_teacher(path, data, device)
+        extra = {"teacher": {"checkpoint": str(Path(path).resolve()), "model": tckpt["model"]["name"]}}
+        if multi is not None:
+            extra["teachers"] = [{"checkpoint": str(Path(p).resolve()), "model": c["model"]["name"]}
+                                 for p, _, c in teachers]
+        out = output_dir(cfg)
+        summary = _distill_student(cfg, strategies, teacher, data, device, out, extra, title="distill")
     if cfg.get("baseline", False):
         torch.manual_seed(int(cfg.seed))  # the same initial weights (and data order) as the distilled student
         base, spec_b, norm_b = build_classifier(cfg.student, data, device)
         train_model(cfg, SupervisedTask(base), base, spec_b, norm_b, data, device, out / "baseline",
                     role="baseline", title="baseline")
     return float(summary["val"]["acc1"])
+
+
+def _distill_student(cfg: DictConfig, strategies: Mapping[str, Any], teacher: Classifier, data: Data,
+                     device: torch.device, out: Path, extra: Mapping[str, Any], title: str) -> dict[str, Any]:
+    """Build the student from the run's seed, set the strategies up on it and the teacher, and train it."""
+    torch.manual_seed(int(cfg.seed))  # the baseline (and every born-again generation) starts from these weights
+    model, spec, norm = build_classifier(cfg.student, data, device)
+    sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
+    for s in strategies.values():
+        s.setup(model, teacher, sample)
+        s.to(device)
+    teacher_outputs = None
+    if OmegaConf.select(cfg, "cache.teacher", default=False):  # the teacher's logits, computed once and kept
+        teacher_outputs = cached_teacher_outputs(cfg, strategies, teacher, extra["teacher"]["checkpoint"], data, device)
+    for s in strategies.values():
+        if getattr(s, "two_stage", False):  # FitNets' stage 1: hints alone, before the distillation run
+            s.train_hints(cfg, model, teacher, data, device, out)
+    task = DistillTask(model, teacher, strategies, cfg.loss.ce_weight, cfg.temperature, teacher_outputs)
+    try:
+        return train_model(cfg, task, model, spec, norm, data, device, out, role="student", extra=extra,
+                           title=title)
+    finally:
+        task.close()
+
+
+def _load_ensemble(cfg: DictConfig, multi: Any, data: Data, device: torch.device) -> list[tuple[str, Classifier, dict]]:
+    """multi_teacher's teachers (teacher.checkpoint first when given), each checked against the data set."""
+    paths, seen = [], set()
+    for p in ([str(cfg.teacher.checkpoint)] if cfg.teacher.get("checkpoint") else []) + multi.teacher_paths:
+        if str(Path(p).resolve()) not in seen:
+            seen.add(str(Path(p).resolve()))
+            paths.append(p)
+    if not paths:
+        raise KdtoolError("multi_teacher needs teachers: strategies.multi_teacher.teachers=[a/best.pt,b/best.pt]")
+    loaded = []
+    for p in paths:
+        teacher, ckpt = load_teacher(p, data, device)  # refuses another class count or channel count
+        if [str(c) for c in ckpt.get("classes", [])] != [str(c) for c in data.class_names]:
+            raise KdtoolError(
+                f"teacher {p} was trained on the classes {_short_list(ckpt.get('classes', []))} but data set "
+                f"{data.name} has {_short_list(data.class_names)}; the teachers' outputs are averaged class by "
+                "class, so every teacher needs the data set's classes in its order"
+            )
+        loaded.append((p, teacher, ckpt))
+    multi.attach([t for _, t, _ in loaded[1:]], len(loaded))
+    log.info("multi_teacher: " + ", ".join(f"{c['model']['name']} ({p})" for p, _, c in loaded))
+    return loaded
+
+
+def _short_list(items: Any, n: int = 5) -> str:
+    items = [str(i) for i in items]
+    return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
+
+
+def _self_distill(cfg: DictConfig, strategies: Mapping[str, Any], data: Data, device: torch.device,
+                  out: Path) -> dict[str, Any]:
+    """Born-again generations through train_model; the run's best.pt and results.json are the last one's."""
+    import shutil
+
+    from kdtool.checkpoints import atomic_write
+    from kdtool.strategies.self_distillation import check_same_architecture, print_generations
+
+    if "multi_teacher" in strategies:
+        raise KdtoolError("self_distillation and multi_teacher cannot be stacked: each generation has one teacher")
+    generations = strategies["self_distillation"].generations
+    # every strategy is set up once on two untrained students before any training, so a bad setting stops here
+    torch.manual_seed(int(cfg.seed))
+    probe, spec, _ = build_classifier(cfg.student, data, device)
+    probe_teacher = build_classifier(cfg.student, data, device)[0].eval()
+    sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
+    for s in strategies.values():
+        s.setup(probe, probe_teacher, sample)
+    del probe, probe_teacher
+    path = cfg.teacher.get("checkpoint")
+    rows = []
+    if path:
+        teacher, tckpt = load_teacher(path, data, device)
+        check_same_architecture(str(path), tckpt["model"], spec)
+        ebs = int(cfg.train.get("eval_batch_size", 1000))
+        val, test = (classification_metrics(*predict(teacher, make_loader(split, ebs, shuffle=False, device=device)))
+                     for split in (data.val, data.test))
+        rows.append({"generation": 0, "teacher": "- (teacher.checkpoint)", "dir": str(Path(path).parent),
+                     "checkpoint": str(Path(path).resolve()), "best_epoch": tckpt.get("epoch"),
+                     "val_acc1": val["acc1"], "test_best_acc1": test["acc1"], "test_best_errors": test["errors"]})
+    else:
+        torch.manual_seed(int(cfg.seed))
+        model, spec0, norm = build_classifier(cfg.student, data, device)
+        task = SupervisedTask(model, float(cfg.train.get("label_smoothing", 0.0)))
+        s0 = train_model(cfg, task, model, spec0, norm, data, device, out / "generation_0", role="teacher",
+                         extra={"generation": 0}, title="generation 0")
+        rows.append(_generation_row(0, "- (cross-entropy)", s0))
+        path = out / "generation_0" / "best.pt"
+    summary: dict[str, Any] = {}
+    for k in range(1, generations + 1):
+        teacher, tckpt = load_teacher(path, data, device)
+        extra = {"teacher": {"checkpoint": str(Path(path).resolve()), "model": tckpt["model"]["name"]},
+                 "generation": k}
+        summary = _distill_student(cfg, build_strategies(cfg.get("strategies")), teacher, data, device,
+                                   out / f"generation_{k}", extra, title=f"generation {k}")
+        rows.append(_generation_row(k, f"generation {k - 1}", summary))
+        path = out / f"generation_{k}" / "best.pt"
+    last = out / f"generation_{generations}"
+    for name in ("best.pt", "last.pt", "metrics.jsonl", "metrics.csv"):
+        if (last / name).exists():
+            atomic_write(out / name, lambda tmp, src=last / name: shutil.copyfile(src, tmp))
+    summary = {**summary, "generation": generations, "generations": rows,
+               "checkpoints": {"best": str(out / "best.pt"), "last": str(out / "last.pt")}}
+    write_json(out / "results.json", summary)
+    write_json(out / "generations.json", {"generations": rows, "provenance": provenance(cfg, data, device)})
+    print_generations(rows, title=f"born-again generations of {spec['name']} on {data.name} "
+                                  f"(test split, {len(data.test)} images)")
+    return summary
+
+
+def _generation_row(k: int, teacher: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    test = summary["test"]
+    return {"generation": k, "teacher": teacher, "dir": str(Path(summary["checkpoints"]["best"]).parent),
+            "checkpoint": summary["checkpoints"]["best"], "best_epoch": summary["best_epoch"],
+            "val_acc1": summary["val"]["acc1"],
+            "test_best_acc1": test["best"]["acc1"], "test_best_errors": test["best"]["errors"],
+            "test_last_acc1": test["last"]["acc1"], "test_last_errors": test["last"]["errors"]}
+
+
+def _add_ensemble_row(rows: list[dict[str, Any]], logits: list[torch.Tensor], labels: torch.Tensor) -> None:
+    """With two or more teachers among the checkpoints, a row 'ensemble' (the mean of their softmax)
+    right after the last teacher's."""
+    idx = [i for i, r in enumerate(rows) if r["role"] == "teacher"]
+    if len(idx) < 2:
+        return
+    probs = torch.stack([logits[i].float().softmax(dim=1) for i in idx]).mean(dim=0)
+    ens_logits = probs.clamp_min(1e-12).log()  # log of the mean: same argmax, and its cross-entropy
+    row = {"name": "ensemble", "path": None, "role": "ensemble",
+           "model": " + ".join(rows[i]["model"] for i in idx), **classification_metrics(ens_logits, labels),
+           "params": sum(rows[i]["params"] for i in idx), "members": [rows[i]["name"] for i in idx]}
+    if all("macs" in rows[i] for i in idx):  # an ensemble costs the sum of its members
+        row["macs"] = sum(rows[i]["macs"] for i in idx)
+    rows.insert(idx[-1] + 1, row)
+    logits.insert(idx[-1] + 1, ens_logits)
 
 
 # ---------------------------------------------------------------- evaluate and export
@@ -279,8 +445,8 @@ def _data_for(cfg: DictConfig, ckpt: Mapping[str, Any]) -> Data:
 
 def evaluate(cfg: DictConfig) -> float:
     """Compare checkpoints on the test split: accuracy, agreement with the teacher, size and speed."""
-    from kdtool.evaluation import agreement, measure_speed, size_metrics, summarise
-    from kdtool.report import print_evaluation
+    from kdtool.evaluation import agreement, analyse, count_macs, measure_speed, size_metrics, summarise
+    from kdtool.report import evaluation_markdown, print_evaluation
 
     paths = list(cfg.get("checkpoints") or [])
     if not paths:
@@ -304,22 +470,30 @@ def evaluate(cfg: DictConfig) -> float:
         m = classification_metrics(out_logits, labels)
         row = {"name": Path(path).parent.name + "/" + Path(path).name, "path": str(path),
                "role": ckpt.get("role", "?"), "model": ckpt["model"]["name"], **m,
-               **size_metrics(model.net, path)}
+               **size_metrics(model.net, path), "macs": count_macs(model, (data.in_chans, *data.image_size))}
         if speed_cfg.get("enabled", True):
             shape = (data.in_chans, *data.image_size)
             row.update(measure_speed(model, shape, device, batch1_runs=int(speed_cfg.get("batch1_runs", 50)),
                                      throughput_batch=int(speed_cfg.get("throughput_batch", 64)),
                                      throughput_runs=int(speed_cfg.get("throughput_runs", 10))))
         rows.append(row)
+    _add_ensemble_row(rows, logits, labels)
     info = summarise(rows)
     teacher_i = next((i for i, r in enumerate(rows) if r["role"] == "teacher"), None)
     if teacher_i is not None:
         for i, r in enumerate(rows):
             if i != teacher_i:
                 r.update(agreement(logits[i], logits[teacher_i]))
+    info.update(analyse(rows, logits, labels, data.class_names))  # calibration, per-class, confusion
     report = {"split": "test", "data": data.name, "n": len(data.test), **info, "models": rows,
               "provenance": provenance(cfg, data, device)}
     write_json(out / "evaluation.json", report)
+    figures = []
+    if cfg.get("plots", True):
+        from kdtool.plots import plot_evaluation
+
+        figures = plot_evaluation(rows, data.class_names, out)
+    atomic_write_text(out / "report.md", evaluation_markdown(report, figures))
     print_evaluation(rows, title=f"{data.name} test split ({len(data.test)} images)")
     log.info(f"evaluation written to {out / 'evaluation.json'}")
     return float(rows[-1]["acc1"])
@@ -388,7 +562,8 @@ def pipeline(cfg: DictConfig) -> float:
     out = output_dir(cfg)
     check_temperature(cfg.temperature)
     teacher_cfg = _stage_cfg(cfg, "train-teacher", out / "train-teacher",
-                             train=OmegaConf.merge(cfg.train, cfg.teacher_train))
+                             train=OmegaConf.merge(cfg.train, OmegaConf.to_container(cfg.teacher_train, resolve=True)),
+                             dataset=OmegaConf.merge(cfg.dataset, cfg.get("teacher_dataset") or {}))
     train_teacher(teacher_cfg)
     distill_cfg = _stage_cfg(cfg, "distill", out / "distill", baseline=True)
     distill_cfg.teacher.checkpoint = str(out / "train-teacher" / "best.pt")
