@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor) -> "TensorSplit":
+    def subset(self, index: torch.Tensor) -> TensorSplit:
         return TensorSplit(self.images[index], self.labels[index])
 
 

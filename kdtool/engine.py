@@ -11,9 +11,10 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +158,9 @@ class Task(Protocol):
 
     def trainable(self) -> list[nn.Module]: ...
     def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]: ...
-    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 @dataclass

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-
-import logging
 
 import torch
 

@@ -11,8 +11,9 @@ import os
 import platform
 import random
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import timm
@@ -24,8 +25,15 @@ from kdtool import __version__, distributed
 from kdtool.cache import cached_teacher_outputs, check_cacheable
 from kdtool.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint
 from kdtool.datasets import Data, load_data, make_loader
-from kdtool.engine import (Classifier, check_precision, classification_metrics, compile_modules, fit, predict,
-                           resolve_device)
+from kdtool.engine import (
+    Classifier,
+    check_precision,
+    classification_metrics,
+    compile_modules,
+    fit,
+    predict,
+    resolve_device,
+)
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model, pretrained_normalization, rebuild_model
 from kdtool.strategies import build_strategies
@@ -94,7 +102,8 @@ def provenance(cfg: DictConfig, data: Data | None, device: torch.device | None) 
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "device": str(device) if device else None,
-        "device_name": torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": (torch.cuda.get_device_name(device) if device is not None and device.type == "cuda"
+                        else platform.processor() or "cpu"),
         "seed": cfg.get("seed"),
         "data": {"name": data.name, **data.sizes(), "notes": data.notes} if data else None,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -35,7 +35,7 @@ def test_same_seed_same_metrics_and_weights(tmp_path):
     run("train-teacher", tmp_path / "b", *args)
     run("train-teacher", tmp_path / "c", *args[:-1], "seed=4")
     hist = {k: (tmp_path / k / "metrics.jsonl").read_text().splitlines() for k in "abc"}
-    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")} for l in lines]  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in lines]  # noqa: E731
     assert strip(hist["a"]) == strip(hist["b"])
     assert strip(hist["a"]) != strip(hist["c"])
     wa = load_checkpoint(tmp_path / "a" / "last.pt")["model_state"]
@@ -46,7 +46,7 @@ def test_same_seed_same_metrics_and_weights(tmp_path):
 def test_best_is_chosen_on_validation_and_test_reported_for_best_and_last(tmp_path):
     run("train-teacher", tmp_path, "teacher.kwargs.channels=[8,16]", "teacher.kwargs.fc_dim=32", "train.epochs=3")
     results = json.loads((tmp_path / "results.json").read_text())
-    history = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     best_epoch = max(history, key=lambda h: h["val_acc1"])["epoch"]  # the first epoch with the top val accuracy
     assert results["best_epoch"] == best_epoch
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == best_epoch
