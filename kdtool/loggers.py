@@ -15,17 +15,30 @@ from kdtool.errors import KdtoolError
 LOGGERS = ("csv", "tensorboard")
 
 
+def check_logger(cfg: Mapping[str, Any]) -> None:
+    """Refuse an unknown logger, or logger=tensorboard without its package, before any work (writes nothing)."""
+    name = (cfg.get("logger") or {}).get("name", "csv")
+    if name not in LOGGERS:
+        raise KdtoolError(f"unknown logger '{name}': choose one of {', '.join(LOGGERS)}")
+    if name == "tensorboard":
+        _summary_writer()
+
+
+def _summary_writer() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise KdtoolError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or use logger=csv; metrics.jsonl and metrics.csv are written either way)") from e
+    return SummaryWriter
+
+
 class TensorBoardLogger:
     """Each epoch's numbers as TensorBoard scalars: train/<term>, val/<metric>, schedule/<lr, temperature>, time/."""
 
     def __init__(self, log_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise KdtoolError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
-                              "(or use logger=csv; metrics.jsonl and metrics.csv are written either way)") from e
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer = _summary_writer()(log_dir=str(self.log_dir))
 
     def log_epoch(self, metrics: Mapping[str, Any]) -> None:
         """One point per number of fit's epoch metrics, at step = epoch (1-based)."""
@@ -47,10 +60,7 @@ class TensorBoardLogger:
 
 def build_logger(cfg: Mapping[str, Any], out: str | Path) -> TensorBoardLogger | None:
     """The extra logger `cfg.logger` names for a run writing into `out`, or None for csv (or no logger group)."""
-    logger_cfg = cfg.get("logger") or {}
-    name = logger_cfg.get("name", "csv")
-    if name == "csv":
-        return None
-    if name == "tensorboard":
+    check_logger(cfg)
+    if (cfg.get("logger") or {}).get("name", "csv") == "tensorboard":
         return TensorBoardLogger(Path(out) / "tensorboard")
-    raise KdtoolError(f"unknown logger '{name}': choose one of {', '.join(LOGGERS)}")
+    return None

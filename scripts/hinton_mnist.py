@@ -10,6 +10,8 @@ distilled student. This script then puts the test errors beside the paper's:
   python scripts/hinton_mnist.py --root PATH           # MNIST/raw/ under PATH
   python scripts/hinton_mnist.py --quick               # a few epochs: checks the recipe runs, not its numbers
   python scripts/hinton_mnist.py -- train.epochs=40    # anything after -- goes to kdtool as overrides
+  python scripts/hinton_mnist.py -- threads=1          # on a machine other jobs share: two busy OpenMP
+                                                       # threads on two shared cores can run 10x slower
 
 It prints a markdown table and writes it to <run>/hinton_mnist.md.
 """

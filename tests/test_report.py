@@ -157,12 +157,14 @@ def test_csv_logger_adds_nothing_and_unknown_logger_is_refused(tmp_path):
 
 
 def test_tensorboard_logger_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
-    from kdtool.loggers import build_logger
+    from kdtool.loggers import build_logger, check_logger
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    with pytest.raises(KdtoolError) as e:
-        build_logger({"logger": {"name": "tensorboard"}}, tmp_path)
-    assert "pip install tensorboard" in str(e.value) and "\n" not in str(e.value)
+    for refuse in (check_logger, lambda cfg: build_logger(cfg, tmp_path)):
+        with pytest.raises(KdtoolError) as e:
+            refuse({"logger": {"name": "tensorboard"}})
+        assert "pip install tensorboard" in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_tensorboard_logger_writes_event_files(tmp_path):
