@@ -119,8 +119,9 @@ opt = torch.optim.SGD(model.parameters(), lr=0.05)
 result = fit(SupervisedTask(model), model, train, val, {{"epochs": 2, "progress": False}}, opt, None,
              lambda *a: None, None, replicas=ranks)
 state = {{k: round(float(v.double().sum()), 6) for k, v in model.state_dict().items()}}
-print(json.dumps({{"rank": ranks.rank, "seen": seen, "state": state,
-                  "metrics": [{{k: v for k, v in h.items() if k.startswith(("train_", "val_"))}} for h in result.history]}}))
+# one file per rank: two ranks printing to one stdout can interleave their lines
+open(f"report_{{ranks.rank}}.json", "w").write(json.dumps({{"rank": ranks.rank, "seen": seen, "state": state,
+    "metrics": [{{k: v for k, v in h.items() if k.startswith(("train_", "val_"))}} for h in result.history]}}))
 """
 
 
@@ -132,8 +133,7 @@ def test_ddp_ranks_share_weights_and_report_the_same_metrics(tmp_path):
     script.write_text(textwrap.dedent(RANK_SCRIPT.format(FAKE=repr(fake))))
     proc = torchrun(str(script), cwd=tmp_path)
     check(proc)
-    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    reports = sorted((json.loads(p.read_text()) for p in tmp_path.glob("report_*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in reports] == [0, 1]
     a, b = reports
     assert not set(a["seen"]) & set(b["seen"]), "the ranks' shares of the training split are disjoint"
