@@ -111,8 +111,23 @@ def main(argv: list[str] | None = None) -> None:
     stage = argv[0]
     config_name = STAGES[stage][0]
     sys.argv = [f"kdtool {stage}", *argv[1:]]
-    app = hydra.main(version_base="1.3", config_path="pkg://kdtool.configs", config_name=config_name)(TASKS[stage])
+    app = hydra.main(version_base="1.3", config_path=config_source(), config_name=config_name)(TASKS[stage])
     app()
+
+
+def config_source() -> str:
+    """Where Hydra finds the configs: the installed `kdtool.configs` package, or `configs/` of a source checkout.
+
+    `python -m kdtool` run from the repository root imports the checkout's `kdtool/`, which does not hold
+    the configs (they live at the top level and are installed as `kdtool.configs`).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("kdtool.configs") is not None:
+        return "pkg://kdtool.configs"
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    return str(checkout) if checkout.is_dir() else "pkg://kdtool.configs"
 
 
 if __name__ == "__main__":

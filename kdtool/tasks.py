@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, number
 from kdtool.strategies import StepOutputs, Strategy
 
 
@@ -32,9 +32,7 @@ def check_temperature(cfg: Mapping[str, Any]) -> None:
     """Refuse non-positive temperatures before any training."""
     keys = ["value"] if cfg.get("schedule", "constant") == "constant" else ["start", "end"]
     for key in keys:
-        value = cfg.get(key)
-        if value is None or not float(value) > 0:
-            raise KdtoolError(f"temperature.{key}={value} must be a number > 0 (e.g. temperature.{key}=4)")
+        number(cfg.get(key), f"temperature.{key}", 0, strict=True)
 
 
 class FeatureTaps:

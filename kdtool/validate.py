@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, number
 
 TRAINING_STAGES = ("train-teacher", "distill", "pipeline")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -46,8 +46,8 @@ def _training(cfg: DictConfig, stage: str) -> None:
     if name not in DATASETS and name not in FILE_DATASETS:
         raise KdtoolError(f"unknown data set '{name}': choose one of {', '.join([*DATASETS, *FILE_DATASETS])}")
     val_size = cfg.dataset.get("val_size")
-    if val_size is not None and not float(val_size) > 0:
-        raise KdtoolError(f"dataset.val_size={val_size} must be > 0 (a count, or a fraction below 1)")
+    if val_size is not None:
+        number(val_size, "dataset.val_size (a count, or a fraction below 1)", 0, strict=True)
     roles = ["teacher"] if stage == "train-teacher" else ["student"] if stage == "distill" else ["teacher", "student"]
     for role in roles:
         check_model_name(str(cfg[role].name))
@@ -58,7 +58,7 @@ def _training(cfg: DictConfig, stage: str) -> None:
             raise KdtoolError(f"train.{key}={value} must be a whole number >= 1")
     _positive(train, "lr", allow_zero=False, prefix="train.")
     _positive(train, "weight_decay", prefix="train.")
-    if not 0 <= float(train.get("label_smoothing", 0.0)) < 1:
+    if number(train.get("label_smoothing", 0.0), "train.label_smoothing", 0) >= 1:
         raise KdtoolError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")
     if train.get("precision", "fp32") not in PRECISIONS:
         raise KdtoolError(f"train.precision={train.precision} must be one of {', '.join(PRECISIONS)}")
@@ -72,9 +72,6 @@ def _training(cfg: DictConfig, stage: str) -> None:
         check_temperature(cfg.temperature)
         _positive(cfg.loss, "ce_weight", prefix="loss.")
         strategies: Mapping[str, Any] = cfg.get("strategies") or {}
-        for sname, sub in strategies.items():
-            if isinstance(sub, Mapping) and sub.get("weight") is not None:
-                _positive(sub, "weight", prefix=f"strategies.{sname}.")
         build_strategies(strategies)  # unknown names and bad settings fail here, before any data is read
         checkpoint = cfg.teacher.get("checkpoint")
         if stage == "distill" and checkpoint:
@@ -82,14 +79,7 @@ def _training(cfg: DictConfig, stage: str) -> None:
 
 
 def _positive(node: Any, key: str, allow_zero: bool = True, prefix: str = "") -> None:
-    value = node.get(key)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise KdtoolError(f"{prefix}{key}={value} must be a number") from None
-    if number < 0 or (not allow_zero and number == 0) or number != number:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise KdtoolError(f"{prefix}{key}={value} must be {bound}")
+    number(node.get(key), f"{prefix}{key}", 0, strict=not allow_zero)
 
 
 def _file(path: Any, what: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, number
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -64,9 +64,7 @@ class Strategy(nn.Module):
                 f"strategies.{self.name} has no setting {', '.join(unknown)}; "
                 f"its settings are {', '.join(sorted(self.config_keys)) or 'none'}"
             )
-        self.weight = float(cfg.get("weight", 1.0)) if self.contributes_term else 0.0
-        if self.weight < 0:
-            raise KdtoolError(f"strategies.{self.name}.weight={self.weight} is negative; loss weights must be >= 0")
+        self.weight = number(cfg.get("weight", 1.0), f"strategies.{self.name}.weight", 0) if self.contributes_term else 0.0
         self.student_taps: list[str] = []
         self.teacher_taps: list[str] = []
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, number
 from kdtool.losses import attention_transfer_loss
 from kdtool.strategies import (
     StepOutputs,
@@ -38,9 +38,7 @@ class AttentionTransfer(Strategy):
     def __init__(self, cfg):
         cfg = {"weight": 1000.0, **dict(cfg)}
         super().__init__(cfg)
-        self.p = float(self.cfg.get("p", 2))
-        if not self.p > 0:
-            raise KdtoolError(f"strategies.attention_transfer.p={self.p} must be > 0 (the paper uses 2)")
+        self.p = number(self.cfg.get("p", 2), "strategies.attention_transfer.p (the paper uses 2)", 0, strict=True)
         self.pair_specs = parse_pairs(self.cfg.get("pairs"), "strategies.attention_transfer.pairs")
 
     def setup(self, student, teacher, sample):
