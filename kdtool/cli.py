@@ -39,7 +39,7 @@ Each stage is a Hydra application: `kdtool <stage> --help` lists its config grou
 
 
 def _run(stage_fn: str, cfg: DictConfig) -> Any:
-    """Run a stage; a user's mistake becomes one line on stderr and exit status 2."""
+    """Run a stage; a user's mistake becomes one line on stderr and exit status 2 (128 + signal when stopped)."""
     from kdtool import stages
     from kdtool.validate import validate
 
@@ -53,8 +53,8 @@ def _run(stage_fn: str, cfg: DictConfig) -> Any:
         if isinstance(e, OmegaConfBaseException):
             key = getattr(e, "full_key", None)
             msg = f"config error{f' at {key}' if key else ''}: {msg}"
-        print(f"kdtool: error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"kdtool: {getattr(e, 'prefix', 'error')}: {msg}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 2))
 
 
 # module-level task functions: Hydra's launcher plugins pickle them

@@ -231,7 +231,7 @@ def _load_imagefolder(cfg: Mapping[str, Any], seed: int) -> Data:
     for part in ("train", "val", "test"):
         if (root / part).is_dir():
             try:
-                splits[part] = ImageFolder(str(root / part), transform=tf)
+                splits[part] = ImageFolder(str(root / part), transform=tf, loader=read_image)
             except FileNotFoundError as e:
                 raise KdtoolError(f"{root / part} has no images in class folders: {e}") from e
     if splits["train"].classes != splits["val"].classes:
@@ -255,6 +255,8 @@ def _load_imagefolder(cfg: Mapping[str, Any], seed: int) -> Data:
         notes.append(f"no test/ folder: val/ is the test set; validation is {k} images held out of train/")
     mean = list(cfg.get("mean") or [0.485, 0.456, 0.406][:in_chans])
     std = list(cfg.get("std") or [0.229, 0.224, 0.225][:in_chans])
+    for split in (train, val, test):
+        split.skip_unreadable = bool(cfg.get("skip_unreadable", False))  # read by _FileLoader
     return Data("imagefolder", train, val, test, list(splits["train"].classes), in_chans, size, mean, std, notes)
 
 
@@ -341,6 +343,50 @@ def make_loader(split: Any, batch_size: int, *, shuffle: bool, device: torch.dev
                        loader_cfg=loader_cfg or {}, rank=rank, world_size=world_size)
 
 
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded: args are (path, reason)."""
+
+
+def read_image(path: str):
+    """Open and decode an image file completely (a truncated file fails here, not later), or raise UnreadableImage."""
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()  # opened by name, PIL closes the file once the pixels are read
+        return image
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise UnreadableImage(path, (str(e).splitlines() or [type(e).__name__])[0][:200]) from None
+
+
+class _Readable(torch.utils.data.Dataset):
+    """A file data set whose unreadable samples come back as ("unreadable", path, reason) instead of raising.
+
+    The loader's worker processes cannot raise an error the command can print on one line; the main
+    process decides instead (_FileLoader): stop naming the file, or skip and count it.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except UnreadableImage as e:
+            return ("unreadable", *e.args)
+
+
+def _collate_readable(batch: list) -> tuple[Any, list]:
+    from torch.utils.data import default_collate
+
+    bad = [b for b in batch if len(b) == 3 and b[0] == "unreadable"]
+    good = [b for b in batch if not (len(b) == 3 and b[0] == "unreadable")]
+    return (default_collate(good) if good else None), bad
+
+
 class _FileLoader:
     """A DataLoader over a file data set that moves batches to the device."""
 
@@ -354,9 +400,13 @@ class _FileLoader:
         self.sampler = sampler
         self.seed, self.epoch = seed, 0
         self.generator = torch.Generator()
+        self.skip_unreadable = bool(getattr(dataset, "skip_unreadable", False))
+        self.skipped: list[str] = []  # the unreadable files of the last pass (with dataset.skip_unreadable=true)
+        pin = loader_cfg.get("pin_memory")
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-            num_workers=workers, pin_memory=bool(loader_cfg.get("pin_memory", device.type == "cuda")),
+            _Readable(dataset), batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            collate_fn=_collate_readable,
+            num_workers=workers, pin_memory=device.type == "cuda" if pin is None else bool(pin),
             persistent_workers=bool(loader_cfg.get("persistent_workers", True)) and workers > 0,
             generator=self.generator,
         )
@@ -374,5 +424,19 @@ class _FileLoader:
             self.sampler.set_epoch(self.epoch)
         self.generator.manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
+        self.skipped = []
+        for batch, bad in self.loader:
+            if bad and not self.skip_unreadable:
+                _, path, reason = bad[0]
+                raise KdtoolError(f"image {path} cannot be read ({reason}); replace or remove it, or set "
+                                  "dataset.skip_unreadable=true to skip such files (they are counted)")
+            if bad and not self.skipped:
+                import logging
+
+                logging.getLogger("kdtool").warning(
+                    f"skipping unreadable image {bad[0][1]} ({bad[0][2]}) and any others (dataset.skip_unreadable=true); "
+                    "training counts them in its metrics as skipped_images")
+            self.skipped += [path for _, path, _ in bad]
+            if batch is not None:
+                x, y = batch
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None

@@ -184,27 +184,32 @@ def fit(
     train_cfg: Mapping[str, Any],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    on_epoch_end: Callable[[int, dict[str, Any], bool], None],
+    on_epoch_end: Callable[[int, dict[str, Any], bool, dict[str, Any]], None],
     metrics_dir: Path | None,
     title: str = "train",
     is_main: bool = True,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    start_epoch: int = 0,
-    history: list[dict[str, Any]] | None = None,
-    best: dict[str, Any] | None = None,
+    resume: Mapping[str, Any] | None = None,
     replicas: Replicas | None = None,
+    on_interrupt: Callable[[dict[str, Any]], Path | None] | None = None,
 ) -> FitResult:
     """Train `task` for train_cfg.epochs, validating `model` after every epoch.
 
-    `on_epoch_end(epoch, metrics, is_best)` saves checkpoints; `metrics_dir` receives metrics.jsonl
-    and metrics.csv. Best is chosen on validation accuracy only. `reduce` sums the epoch's counts
-    over processes; `replicas` (kdtool.distributed) also averages gradients across them.
+    `on_epoch_end(epoch, metrics, is_best, train_state)` saves checkpoints; `metrics_dir` receives
+    metrics.jsonl and metrics.csv. Best is chosen on validation accuracy only. `reduce` sums the
+    epoch's counts over processes; `replicas` (kdtool.distributed) also averages gradients across them.
+
+    `train_state` (see `_train_state`) is everything beyond the weights that a resumed run needs to
+    continue exactly where this one stopped; pass it back as `resume` (the weights are the caller's
+    to restore). With `on_interrupt`, SIGTERM and SIGINT stop training after the current step:
+    `on_interrupt(train_state)` saves it and fit raises TrainingInterrupted.
     """
     if replicas is not None and replicas.world_size > 1:
         is_main = is_main and replicas.is_main
         reduce = reduce or replicas.reduce
         # one module holding every trainable part, so DDP averages adaptor gradients with the student's
         step_fn = replicas.wrap(_TaskModule(task))
+        on_interrupt = None  # ranks would stop at different steps; a resumed DDP run starts at an epoch boundary
     else:
         replicas, step_fn = None, task.step
     epochs = int(train_cfg["epochs"])
@@ -217,92 +222,210 @@ def fit(
     log_every = max(1, int(train_cfg.get("log_every", 50)))
     # float64 sums keep counts exact over any epoch; MPS has no float64
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    result = FitResult(history=list(history or []), best=dict(best or {}))
+    result = FitResult()
+    start_epoch, partial = 0, None
+    if resume:
+        start_epoch, partial = int(resume["epoch"]), resume.get("partial")
+        result.history, result.best = list(resume.get("history") or []), dict(resume.get("best") or {})
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
     progress = _Progress(enabled=is_main and bool(train_cfg.get("progress", True)))
 
-    for epoch in range(start_epoch, epochs):
-        for m in task.trainable():
-            m.train()
-        schedule_values = task.start_epoch(epoch, epochs)
-        # per step: one stack and two in-place adds, whatever the number of loss terms, and no device sync
-        names: list[str] = []
-        term_sums = torch.zeros(0, device=device, dtype=acc_dtype)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen, checked = 0, 0
-        t0, c0 = time.perf_counter(), time.process_time()
-        wait = 0.0
-        steps = len(train_loader)
-        if train_cfg.get("limit_train_batches"):
-            steps = min(steps, int(train_cfg["limit_train_batches"]))
-        progress.start(f"{title} {epoch + 1}/{epochs}", steps)
-        it = iter(train_loader)
-        for step in range(steps):
-            tw = time.perf_counter()
-            x, y, idx = next(it)
-            wait += time.perf_counter() - tw
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                loss, logits, terms = step_fn(x, y, idx)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, float(clip))
-            scaler.step(optimizer)
-            scaler.update()
-            n = y.shape[0]
-            seen += n
-            with torch.no_grad():
-                if not names:
-                    names = list(terms)
-                    term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
-                term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
-                correct.add_((logits.argmax(1) == y).sum())
-            if (step + 1) % log_every == 0:
-                # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
-                running = term_sums.tolist()
-                _check_finite(names, running, epoch, checked, step)
-                checked = step + 1
-                progress.update(step + 1, sum(running) / seen)
-        if scheduler is not None:
-            scheduler.step()
-        totals = torch.cat([torch.tensor([seen], device=device, dtype=acc_dtype),
-                            correct.to(acc_dtype).view(1), term_sums])
-        if reduce is not None:
-            totals = reduce(totals)  # [images, correct, sum of each term x batch size], summed over ranks
-        totals = totals.tolist()
-        _check_finite(names, totals[2:], epoch, checked, steps - 1)
-        train_time = time.perf_counter() - t0
-        train_cpu = time.process_time() - c0
-        if replicas is not None:
-            for m in task.trainable():  # every rank validates rank 0's model, so all report one number
-                replicas.sync_buffers(m)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": sum(totals[2:]) / totals[0],
-            **{f"train_{k}": v / totals[0] for k, v in zip(names, totals[2:])},
-            "train_acc1": 100.0 * totals[1] / totals[0],
-            **schedule_values,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": train_time,
-            "epoch_cpu_s": train_cpu,
-            "data_wait_s": wait,
-        }
-        val = classification_metrics(*predict(model, val_loader, precision, channels_last,
-                                              train_cfg.get("limit_eval_batches")))
-        metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-        is_best = not result.best or metrics["val_acc1"] > result.best["val_acc1"]
-        if is_best:
-            result.best = dict(metrics)
-        result.history.append(metrics)
-        progress.finish()
-        if is_main:
-            log.info(_epoch_line(title, metrics, epochs))
-            if metrics_dir is not None:
-                write_metrics(metrics_dir, result.history)
-        on_epoch_end(epoch, metrics, is_best)
+    def train_state(next_epoch: int, part: dict[str, Any] | None) -> dict[str, Any]:
+        return {"epoch": next_epoch, "partial": part, "history": list(result.history), "best": dict(result.best),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state()}
+
+    stop = _StopOnSignal(enabled=on_interrupt is not None)
+    with stop:
+        for epoch in range(start_epoch, epochs):
+            for m in task.trainable():
+                m.train()
+            schedule_values = task.start_epoch(epoch, epochs)
+            # per step: one stack and two in-place adds, whatever the number of loss terms, and no device sync
+            names: list[str] = []
+            term_sums = torch.zeros(0, device=device, dtype=acc_dtype)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            seen, checked, first_step = 0, 0, 0
+            if partial is not None:  # resuming inside this epoch: its running sums so far
+                names, seen, checked, first_step = list(partial["names"]), partial["seen"], partial["checked"], partial["step"]
+                term_sums = partial["term_sums"].to(device=device, dtype=acc_dtype)
+                correct = torch.tensor(partial["correct"], device=device, dtype=torch.int64)
+            t0, c0 = time.perf_counter(), time.process_time()
+            wait = 0.0
+            steps = len(train_loader)
+            if train_cfg.get("limit_train_batches"):
+                steps = min(steps, int(train_cfg["limit_train_batches"]))
+            progress.start(f"{title} {epoch + 1}/{epochs}", steps)
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)  # the order and augmentation of an epoch depend on its number only
+            it = iter(train_loader)
+            for _ in range(first_step):  # the batches done before the interruption (their random draws too)
+                next(it)
+            if partial is not None:
+                set_rng_state(partial["rng"])  # dropout and the like continue where the interruption left them
+                partial = None
+            for step in range(first_step, steps):
+                tw = time.perf_counter()
+                batch = next(it, None)
+                wait += time.perf_counter() - tw
+                if batch is None:  # a file loader that skipped a whole batch of unreadable images
+                    break
+                x, y, idx = batch
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    loss, logits, terms = step_fn(x, y, idx)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, float(clip))
+                scaler.step(optimizer)
+                scaler.update()
+                n = y.shape[0]
+                seen += n
+                with torch.no_grad():
+                    if not names:
+                        names = list(terms)
+                        term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
+                    term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
+                    correct.add_((logits.argmax(1) == y).sum())
+                if (step + 1) % log_every == 0 or stop.signal:
+                    # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
+                    running = term_sums.tolist()
+                    _check_finite(names, running, epoch, checked, step)
+                    checked = step + 1
+                    progress.update(step + 1, sum(running) / seen)
+                if stop.signal and step + 1 < steps:
+                    progress.finish()
+                    part = {"step": step + 1, "names": names, "term_sums": term_sums.cpu(), "correct": int(correct),
+                            "seen": seen, "checked": checked, "rng": rng_state()}
+                    saved = on_interrupt(train_state(epoch, part)) if on_interrupt else None
+                    raise TrainingInterrupted(stop.signal, epoch, step + 1, steps, saved)
+            if scheduler is not None:
+                scheduler.step()
+            totals = torch.cat([torch.tensor([seen], device=device, dtype=acc_dtype),
+                                correct.to(acc_dtype).view(1), term_sums])
+            if reduce is not None:
+                totals = reduce(totals)  # [images, correct, sum of each term x batch size], summed over ranks
+            totals = totals.tolist()
+            _check_finite(names, totals[2:], epoch, checked, steps - 1)
+            train_time = time.perf_counter() - t0
+            train_cpu = time.process_time() - c0
+            if replicas is not None:
+                for m in task.trainable():  # every rank validates rank 0's model, so all report one number
+                    replicas.sync_buffers(m)
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": sum(totals[2:]) / totals[0],
+                **{f"train_{k}": v / totals[0] for k, v in zip(names, totals[2:])},
+                "train_acc1": 100.0 * totals[1] / totals[0],
+                **schedule_values,
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_time_s": train_time,
+                "epoch_cpu_s": train_cpu,
+                "data_wait_s": wait,
+                **({"skipped_images": len(train_loader.skipped)} if hasattr(train_loader, "skipped") else {}),
+            }
+            val = classification_metrics(*predict(model, val_loader, precision, channels_last,
+                                                  train_cfg.get("limit_eval_batches")))
+            metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            is_best = not result.best or metrics["val_acc1"] > result.best["val_acc1"]
+            if is_best:
+                result.best = dict(metrics)
+            result.history.append(metrics)
+            progress.finish()
+            if is_main:
+                log.info(_epoch_line(title, metrics, epochs))
+                if metrics_dir is not None:
+                    write_metrics(metrics_dir, result.history)
+            on_epoch_end(epoch, metrics, is_best, train_state(epoch + 1, None))
+            if stop.signal and epoch + 1 < epochs:  # stopped during validation: resume at the next epoch
+                saved = on_interrupt(train_state(epoch + 1, None)) if on_interrupt else None
+                raise TrainingInterrupted(stop.signal, epoch + 1, 0, steps, saved)
     return result
+
+
+class TrainingInterrupted(KdtoolError):
+    """SIGTERM or SIGINT stopped training; the state to resume from is saved."""
+
+    prefix = "stopped"  # the command prints 'kdtool: stopped: ...', not 'error'
+
+    def __init__(self, signal_name: str, epoch: int, step: int, steps: int, saved: Path | None):
+        where = f"in epoch {epoch + 1} after step {step}/{steps}" if step else f"after epoch {epoch}"
+        super().__init__(f"{signal_name} stopped training {where}; "
+                         f"{f'its state is saved in {saved}; ' if saved else ''}continue with resume=true "
+                         "(or resume=RUN_FOLDER)")
+        self.exit_code = 128 + (15 if signal_name == "SIGTERM" else 2)
+
+
+class _StopOnSignal:
+    """While active: SIGTERM and SIGINT set `signal` instead of killing; a second one acts as usual."""
+
+    def __init__(self, enabled: bool):
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        import signal
+
+        if self.enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        import signal
+
+        self.signal = signal.Signals(signum).name
+        log.warning(f"{self.signal}: stopping after the current step and saving a checkpoint "
+                    f"(send it again to stop at once)")
+        for sig, handler in self.previous.items():  # a second signal is not deferred
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator training draws from: Python's, NumPy's, torch's CPU and GPU ones."""
+    import random
+
+    import numpy as np
+
+    py_version, py_state, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {"python": [py_version, list(py_state), py_gauss],
+            "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` returned (checkpoints hold plain lists and tensors only)."""
+    import random
+
+    import numpy as np
+
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _TaskModule(nn.Module):

@@ -35,7 +35,9 @@ from kdtool.engine import (
     resolve_device,
 )
 from kdtool.errors import KdtoolError
+from kdtool.loggers import build_logger
 from kdtool.models import create_model, pretrained_normalization, rebuild_model
+from kdtool.resume import resume_training, resuming, run_folder
 from kdtool.strategies import build_strategies
 from kdtool.tasks import DistillTask, SupervisedTask, check_temperature
 
@@ -62,8 +64,12 @@ def setup_run(cfg: DictConfig) -> torch.device:
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    """The run folder every file of this stage goes into (under torchrun, rank 0's on every rank)."""
-    out = Path(distributed.shared_output_dir(str(cfg.output_dir), resolve_device(str(cfg.get("device", "auto")))))
+    """The run folder every file of this stage goes into (under torchrun, rank 0's on every rank).
+
+    With `resume`, the folder of the run it continues (kdtool.resume.run_folder); rank 0 decides.
+    """
+    path = str(run_folder(cfg)) if os.environ.get("RANK", "0") == "0" else str(cfg.output_dir)
+    out = Path(distributed.shared_output_dir(path, resolve_device(str(cfg.get("device", "auto")))))
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -167,25 +173,46 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
         "config": OmegaConf.to_container(cfg, resolve=True), **(extra or {}),
     }
     adaptors = [m for m in task.trainable() if m is not model]
+    state = None
+    if resuming(cfg):
+        state = resume_training(out, spec, model, adaptors, role)
+        if state is not None and state["epoch"] >= int(train_cfg["epochs"]) and not state.get("partial") \
+                and (out / "results.json").is_file():
+            log.info(f"{role}: already trained for {state['epoch']} epochs in {out}; keeping its results")
+            return json.loads((out / "results.json").read_text())
 
     def payload(metrics: Mapping[str, Any], epoch: int) -> dict[str, Any]:
-        p = {**base, "model_state": model.net.state_dict(), "metrics": dict(metrics), "epoch": epoch + 1}
+        p = {**base, "model_state": model.net.state_dict(), "metrics": dict(metrics), "epoch": epoch}
         if adaptors:
             p["adaptors_state"] = {m.name: m.state_dict() for m in adaptors}
         return p
 
-    def on_epoch_end(epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
+    def save_last(train_state: dict[str, Any]) -> Path | None:
         if not ranks.is_main:
-            return
-        save_checkpoint(out / "last.pt", {**payload(metrics, epoch), "train_state": {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        }})
-        if is_best:
-            save_checkpoint(out / "best.pt", payload(metrics, epoch))
+            return None
+        history = train_state["history"]
+        return save_checkpoint(out / "last.pt", {**payload(history[-1] if history else {}, train_state["epoch"]),
+                                                 "train_state": train_state})
 
-    result = fit(task, model, train_loader, val_loader, train_cfg, optimizer, scheduler, on_epoch_end, out,
-                 title=title or role, is_main=ranks.is_main, replicas=ranks)
+    logger = build_logger(cfg, out) if ranks.is_main else None  # TensorBoard with logger=tensorboard
+
+    def on_epoch_end(epoch: int, metrics: dict[str, Any], is_best: bool, train_state: dict[str, Any]) -> None:
+        save_last(train_state)
+        if is_best and ranks.is_main:
+            save_checkpoint(out / "best.pt", payload(metrics, epoch + 1))
+        if logger is not None:
+            logger.log_epoch(metrics)
+
+    try:
+        result = fit(task, model, train_loader, val_loader, train_cfg, optimizer, scheduler, on_epoch_end, out,
+                     title=title or role, is_main=ranks.is_main, replicas=ranks, resume=state, on_interrupt=save_last)
+    finally:
+        if logger is not None:
+            logger.close()
+    if ranks.is_main and cfg.get("plots", True):
+        from kdtool.plots import plot_training
+
+        plot_training(result.history, out / "training.png", title=f"{title or role}: {spec['name']} on {data.name}")
     test = None
     if ranks.is_main:
         test = _test_best_and_last(model, out, data, device, ebs, train_cfg["precision"], loader_cfg,
@@ -318,6 +345,8 @@ def _distill_student(cfg: DictConfig, strategies: Mapping[str, Any], teacher: Cl
     if OmegaConf.select(cfg, "cache.teacher", default=False):  # the teacher's logits, computed once and kept
         teacher_outputs = cached_teacher_outputs(cfg, strategies, teacher, extra["teacher"]["checkpoint"], data, device)
     for s in strategies.values():
+        if resuming(cfg) and (out / "last.pt").is_file():
+            break  # the interrupted run had trained its hints: its last.pt holds them
         if getattr(s, "two_stage", False):  # FitNets' stage 1: hints alone, before the distillation run
             s.train_hints(cfg, model, teacher, data, device, out)
     task = DistillTask(model, teacher, strategies, cfg.loss.ce_weight, cfg.temperature, teacher_outputs)

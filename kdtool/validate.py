@@ -17,6 +17,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def validate(cfg: DictConfig) -> None:
     """Raise KdtoolError for the first thing in `cfg` that cannot work; return quietly otherwise."""
     stage = str(cfg.get("stage"))
+    from kdtool.resume import is_path, requested_folder
+
+    if is_path(cfg.get("resume", False)):
+        requested_folder(cfg.resume)
     if stage in TRAINING_STAGES:
         _training(cfg, stage)
     if stage == "evaluate":
@@ -65,6 +69,9 @@ def _training(cfg: DictConfig, stage: str) -> None:
     from kdtool.engine import resolve_device
 
     resolve_device(str(cfg.get("device", "auto")))
+    from kdtool.loggers import check_logger
+
+    check_logger(cfg)
     if stage in ("distill", "pipeline"):
         from kdtool.strategies import build_strategies
         from kdtool.tasks import check_temperature

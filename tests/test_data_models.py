@@ -177,6 +177,22 @@ def test_imagefolder_with_different_classes_in_train_and_val_is_refused(tmp_path
         load_data(imagefolder_cfg(root), seed=0)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, workers):
+    root = make_image_folder(tmp_path / "imgs", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}, "test": {"a": 1}})
+    broken = root / "train" / "b" / "broken.png"
+    broken.write_bytes(b"\x89PNG but not really")
+    cfg = {**imagefolder_cfg(root), "loader": {"num_workers": workers, "persistent_workers": False}}
+    data = load_data(cfg, seed=0)
+    with pytest.raises(KdtoolError, match=f"image {broken} cannot be read.*skip_unreadable=true"):
+        list(make_loader(data.train, 3, shuffle=True, device=CPU, loader_cfg=cfg["loader"]))
+    data = load_data({**cfg, "skip_unreadable": True}, seed=0)
+    loader = make_loader(data.train, 3, shuffle=True, device=CPU, loader_cfg=cfg["loader"])
+    labels = torch.cat([y for _, y, _ in loader]).tolist()
+    assert sorted(labels) == [0] * 4 + [1] * 4, "every readable image, once"
+    assert loader.skipped == [str(broken)]
+
+
 def test_imagefolder_without_val_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "imgs", {"train": {"a": 2, "b": 2}})
     with pytest.raises(KdtoolError, match="val"):
