@@ -74,6 +74,17 @@ class Run:
         return dirs[0]
 
 
+def is_png(path: Path) -> Path:
+    """Assert that `path` is a whole PNG picture."""
+    from PIL import Image
+
+    assert path.is_file() and path.stat().st_size > 0, f"{path} is missing or empty"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) > 0, f"{path} is not a PNG picture"
+        im.verify()
+    return path
+
+
 def run_kdtool(*args: str, cwd: Path, runs_dir: Path | None = None, timeout: float = 600) -> Run:
     """Run `kdtool ARGS` (with runs_dir=RUNS_DIR when given) in `cwd` and capture everything."""
     full = [*args, f"runs_dir={runs_dir}"] if runs_dir is not None else list(args)
@@ -158,7 +169,7 @@ def phase1(tmp_path_factory, work, bad_files) -> dict[str, Run]:
         "teacher": ["train-teacher", *FAKE, *SMALL_TEACHER, f"train.epochs={TEACHER_EPOCHS}", "train.lr=0.01"],
         # the teacher trains 2 epochs (teacher_train), the students 1 (train): shows teacher_train is merged over train
         "pipeline": ["pipeline", *FAKE, *SMALL_TEACHER, *TINY_STUDENT, "teacher_train.epochs=2", "train.epochs=1",
-                     *QUICK_SPEED],
+                     *QUICK_SPEED, "logger=tensorboard"],
     }
     jobs.update({f"error_{name}": args for name, (args, _) in error_cases(bad_files, None).items()})
     return run_many(jobs, work, root)

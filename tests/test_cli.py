@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DISTILL_EPOCHS, ERROR_CASES, LATEST_NEWEST, TEACHER_EPOCHS, TIME_DIR, Run, run_kdtool
+from conftest import DISTILL_EPOCHS, ERROR_CASES, LATEST_NEWEST, TEACHER_EPOCHS, TIME_DIR, Run, is_png, run_kdtool
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
@@ -250,6 +250,7 @@ def test_distill_with_baseline(distill_run: Run, teacher_ckpt: Path):
     for folder in (run_dir, run_dir / "baseline"):
         for name in ("last.pt", "metrics.jsonl", "metrics.csv", "results.json"):
             assert (folder / name).is_file(), f"{name} missing in {folder}"
+        is_png(folder / "training.png")  # the training curves
 
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert len(history) == DISTILL_EPOCHS
@@ -413,6 +414,14 @@ def test_pipeline_end_to_end(phase1):
 
     teacher_hist = read_jsonl(out / "train-teacher" / "metrics.jsonl")
     assert len(teacher_hist) == 2 and len(read_jsonl(out / "distill" / "metrics.jsonl")) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for folder, epochs in (("train-teacher", 2), ("distill", 1), ("distill/baseline", 1)):  # logger=tensorboard
+        events = EventAccumulator(str(out / folder / "tensorboard"))
+        events.Reload()
+        assert len(events.Scalars("val/acc1")) == epochs, f"{folder}: one validation point per epoch"
+        is_png(out / folder / "training.png")
+    assert "train/soft_targets" in EventAccumulator(str(out / "distill" / "tensorboard")).Reload().Tags()["scalars"]
     assert len(read_jsonl(out / "distill" / "baseline" / "metrics.jsonl")) == 1
     assert teacher_hist[-1]["lr"] == pytest.approx(0.0, abs=1e-12), \
         "the teacher's cosine T_max must follow teacher_train.epochs"

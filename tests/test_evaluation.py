@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from PIL import Image
+from conftest import is_png
 from torch import nn
 
 from kdtool.evaluation import analyse, calibration, confusion_matrix, count_macs, largest_drops, per_class_accuracy
@@ -28,13 +28,6 @@ LABELS = [0, 1, 1, 2, 2, 2]
 
 def _logits(probs) -> torch.Tensor:
     return torch.tensor(probs, dtype=torch.float64).log()
-
-
-def _is_png(path) -> None:
-    assert path.is_file() and path.stat().st_size > 0, f"{path} is missing or empty"
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
-        im.verify()
 
 
 # ---------------------------------------------------------------- calibration
@@ -106,13 +99,13 @@ def test_training_and_sweep_plots_are_pngs(tmp_path):
     history = [{"epoch": e, "train_loss": 2.0 / e, "train_ce": 0.2 / e, "train_soft_targets": 1.8 / e,
                 "train_acc1": 50 + 5 * e, "temperature": 8 - e, "lr": 1e-3 / e, "val_acc1": 48 + 5 * e,
                 "val_loss": 2.1 / e} for e in range(1, 6)]
-    _is_png(plot_training(history, tmp_path / "training.png", title="distill"))
+    is_png(plot_training(history, tmp_path / "training.png", title="distill"))
     # a teacher's history: no temperature (the lr is plotted instead), one loss term
     plain = [{k: v for k, v in h.items() if k not in ("temperature", "train_soft_targets")} for h in history]
-    _is_png(plot_training(plain, tmp_path / "teacher.png"))
+    is_png(plot_training(plain, tmp_path / "teacher.png"))
     points = [(1.0, 90.0), (1.0, 91.0), (4.0, 93.0), (4.0, 92.5), (20.0, 92.0)]
     groups = [(1.0, 90.5, 0.7, 2), (4.0, 92.75, 0.35, 2), (20.0, 92.0, 0.0, 1)]
-    _is_png(plot_sweep(points, groups, "temperature.value", "val.acc1", tmp_path / "sweep.png", best=(4.0, 93.0)))
+    is_png(plot_sweep(points, groups, "temperature.value", "val.acc1", tmp_path / "sweep.png", best=(4.0, 93.0)))
 
 
 def test_evaluation_plots_are_pngs(tmp_path):
@@ -128,7 +121,7 @@ def test_evaluation_plots_are_pngs(tmp_path):
     paths = plot_evaluation(rows, info["classes"], tmp_path)
     assert [p.name for p in paths] == ["tradeoffs.png", "reliability.png", "confusion.png"]
     for p in paths:
-        _is_png(p)
+        is_png(p)
 
 
 # ---------------------------------------------------------------- kdtool evaluate
@@ -155,7 +148,7 @@ def test_pipeline_evaluation_has_deeper_metrics_report_and_plots(phase1):
                    "Per-class accuracy", "![reliability](reliability.png)"):
         assert needle in text, needle
     for name in ("tradeoffs.png", "reliability.png", "confusion.png"):
-        _is_png(out / name)
+        is_png(out / name)
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "pipeline"])

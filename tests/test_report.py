@@ -22,8 +22,6 @@ from kdtool.errors import KdtoolError
 from kdtool.summary import main as report_main
 from kdtool.summary import parse_overrides, report
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
 
 def _multirun_folder(runs_dir: Path, stage: str = "distill") -> Path:
     found = sorted((runs_dir / stage / "multirun").iterdir())
@@ -121,12 +119,8 @@ def test_report_refuses_a_folder_without_runs(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
                     reason="Hydra's Optuna sweeper is not installed: pip install hydra-optuna-sweeper")
 def test_optuna_search_runs_two_trials_and_report_plots_them(work, tmp_path, teacher_ckpt):
-    # `hparams_search=X` once distill.yaml lists `hparams_search: null` in its defaults, else `+hparams_search=X`
-    defaults = yaml.safe_load((CONFIGS / "distill.yaml").read_text())["defaults"]
-    listed = any(isinstance(d, dict) and "hparams_search" in d for d in defaults)
-    search = ("" if listed else "+") + "hparams_search=temperature_optuna"
-    run_kdtool("distill", "-m", search, "hydra.sweeper.n_trials=2", *FAKE, *TINY_STUDENT, "debug=smoke",
-           f"teacher.checkpoint={teacher_ckpt}", cwd=work, runs_dir=tmp_path).check()
+    run_kdtool("distill", "-m", "hparams_search=temperature_optuna", "hydra.sweeper.n_trials=2", *FAKE, *TINY_STUDENT,
+               "debug=smoke", f"teacher.checkpoint={teacher_ckpt}", cwd=work, runs_dir=tmp_path).check()
     folder = _multirun_folder(tmp_path)
     best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"temperature.value", "strategies.soft_targets.weight", "train.lr"}
