@@ -233,10 +233,13 @@ def fit(
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
+        if resume.get("epochs") not in (None, epochs):
+            log.warning(f"{title}: resuming a run planned for {resume['epochs']} epochs with train.epochs={epochs}; "
+                        "the learning-rate scheduler keeps its saved state (e.g. a cosine's T_max)")
     progress = _Progress(enabled=is_main and bool(train_cfg.get("progress", True)))
 
     def train_state(next_epoch: int, part: dict[str, Any] | None) -> dict[str, Any]:
-        return {"epoch": next_epoch, "partial": part, "history": list(result.history), "best": dict(result.best),
+        return {"epoch": next_epoch, "epochs": epochs, "partial": part, "history": list(result.history), "best": dict(result.best),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state()}
 
@@ -264,11 +267,9 @@ def fit(
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)  # the order and augmentation of an epoch depend on its number only
             it = iter(train_loader)
-            for _ in range(first_step):  # the batches done before the interruption (their random draws too)
+            for _ in range(first_step):  # the batches done before the interruption (the loader's own random draws)
                 next(it)
-            if partial is not None:
-                set_rng_state(partial["rng"])  # dropout and the like continue where the interruption left them
-                partial = None
+            partial = None
             for step in range(first_step, steps):
                 tw = time.perf_counter()
                 batch = next(it, None)
@@ -304,7 +305,7 @@ def fit(
                 if stop.signal and step + 1 < steps:
                     progress.finish()
                     part = {"step": step + 1, "names": names, "term_sums": term_sums.cpu(), "correct": int(correct),
-                            "seen": seen, "checked": checked, "rng": rng_state()}
+                            "seen": seen, "checked": checked}
                     saved = on_interrupt(train_state(epoch, part)) if on_interrupt else None
                     raise TrainingInterrupted(stop.signal, epoch, step + 1, steps, saved)
             if scheduler is not None:

@@ -6,7 +6,7 @@
 - `auto`: continue from the run folder's own last.pt files where there are any, else start there
   (for a fixed `hydra.run.dir`, sweeps with a fixed `hydra.sweep.dir`, and jobs a cluster requeues);
 - `true`: as `auto`, and when this run's folder holds nothing, the most recent run of the same
-  stage under `runs_dir`;
+  stage under `runs_dir` (not in a sweep: there every job keeps to its own folder, as with `auto`);
 - a path: that run folder (or the folder of the last.pt given).
 
 A resumed run writes into the folder it continues. Every training inside it (teacher, student,
@@ -49,7 +49,7 @@ def run_folder(cfg: DictConfig) -> Path:
         return own
     if value is True or str(value).lower() in ("true", "auto"):
         folder = own
-        if not _checkpoints(own) and str(value).lower() == "true":
+        if not _checkpoints(own) and str(value).lower() == "true" and not _in_sweep():
             folder = _latest_run(cfg, exclude=own)
     else:
         folder = requested_folder(value)
@@ -77,6 +77,17 @@ def requested_folder(value: Any) -> Path:
 def is_path(value: Any) -> bool:
     """True when `resume` names a folder rather than saying true, false or auto."""
     return value not in FRESH and value is not True and str(value).lower() not in ("true", "auto")
+
+
+def _in_sweep() -> bool:
+    """True in a job of a Hydra multirun: there `resume=true` means `auto` (each job its own folder)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
 
 
 def _checkpoints(folder: Path) -> list[Path]:

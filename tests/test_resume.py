@@ -174,3 +174,17 @@ def test_resume_mistakes_give_one_line(tmp_path, teacher_ckpt, case):
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("kdtool: error:") and must in lines[-1], run.describe()
     assert not list((tmp_path / "runs").rglob("*.pt")), "no checkpoint was written"
+
+
+def test_resume_true_in_a_sweep_continues_each_job_in_its_own_folder(tmp_path):
+    """A fixed hydra.sweep.dir, run again with resume=true and more epochs: every job extends its own run."""
+    sweep = ["train-teacher", "-m", "train.lr=0.01,0.02", *FAKE, *SMALL_TEACHER, "hydra.sweep.dir=sweep",
+             f"runs_dir={tmp_path / 'runs'}"]
+    run_kdtool(*sweep, "train.epochs=1", cwd=tmp_path).check()
+    again = run_kdtool(*sweep, "train.epochs=2", "resume=true", cwd=tmp_path).check()
+    for job in ("0", "1"):
+        folder = tmp_path / "sweep" / job
+        assert f"teacher: resuming from {folder / 'last.pt'} at epoch 2" in again.output
+        history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in history] == [1, 2]
+        assert load_checkpoint(folder / "last.pt")["config"]["train"]["lr"] == [0.01, 0.02][int(job)]
