@@ -6,7 +6,7 @@
 2. measures every best.pt with one `kdtool evaluate` on the 10,000 test images, so accuracy, size,
    latency, calibration and agreement with the teacher come from the same machine and the same code;
 3. prints a markdown section and writes it, with one plot (accuracy against parameters and latency),
-   into the work folder.
+   to docs/results_mnist.md and docs/results_mnist.png (--out elsewhere).
 
   python scripts/results_mnist.py --work runs/results_mnist            # full MNIST from ../shared/data
   python scripts/results_mnist.py --work runs/results_mnist --no-train # step 2 and 3 over runs already there
@@ -94,6 +94,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="every student's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-train", dest="train", action="store_false", help="only evaluate the runs in --work")
+    parser.add_argument("--out", type=Path, default=REPO / "docs",
+                        help="where results_mnist.md and results_mnist.png go (default: docs/, which README links)")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -123,11 +125,12 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from kdtool.plots import plot_tradeoffs
 
-    plot_tradeoffs(rows, work / "results_mnist.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_tradeoffs(rows, args.out / "results_mnist.png")
     minutes = (time.perf_counter() - t0) / 60 if args.train else None
     command = shlex.join(["python", "scripts/results_mnist.py", *sys.argv[1:]])
     text = markdown(rows, report["data"], report["n"], minutes, command, work)
-    (work / "results_mnist.md").write_text(text)
+    (args.out / "results_mnist.md").write_text(text)
     print("\n" + text)
     return 0
 

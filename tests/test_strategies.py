@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAKE, SMALL_TEACHER, Run, run_kdtool
 from hydra import compose, initialize_config_module
 
 from kdtool import stages
@@ -29,8 +26,6 @@ from kdtool.models import create_model
 from kdtool.strategies import StepOutputs, build_strategies
 from kdtool.tasks import DistillTask, temperature_at
 
-FAKE = ["dataset=fake", "train.progress=false"]  # 1x16x16 images: 448 train / 64 val / 128 test, 10 classes
-SMALL_TEACHER = ["teacher.kwargs.channels=[8,16]", "teacher.kwargs.fc_dim=32"]
 ONE_EPOCH = [*FAKE, "student=cnn_tiny", "train.epochs=1"]
 # name -> the body of a `# @package _global_` experiment config; {a} and {b} are the two teachers
 EXPERIMENTS = {
@@ -81,28 +76,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@dataclass
-class Run:
-    """One finished `kdtool` process."""
-
-    args: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def check(self) -> Run:
-        assert self.returncode == 0, (f"kdtool {' '.join(self.args)} exited {self.returncode}\n"
-                                      f"{self.stdout[-3000:]}\n{self.stderr[-3000:]}")
-        return self
-
-
 def kdtool(*args: str, cwd: Path) -> Run:
     """The installed `kdtool` command (else `python -m kdtool`) with ARGS, in `cwd`."""
-    script = Path(sys.executable).with_name("kdtool")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "kdtool"]
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "KDTOOL_DEBUG")}
-    proc = subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    return Run(list(args), proc.returncode, proc.stdout, proc.stderr)
+    return run_kdtool(*args, cwd=cwd, timeout=900)
 
 
 # ---------------------------------------------------------------- the runs (module fixtures)
