@@ -11,7 +11,8 @@
 
 A resumed run writes into the folder it continues. Every training inside it (teacher, student,
 baseline, born-again generation) continues from its own last.pt, or is skipped when it had
-finished; what follows training (tests, evaluation, export) runs again.
+finished; what follows training (tests, evaluation, export) runs again. `evaluate` and `export`
+have nothing to continue: with `resume` they run again, into PATH when one is given.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def run_folder(cfg: DictConfig) -> Path:
     own = Path(str(cfg.output_dir))
     if not resuming(cfg):
         return own
-    if value is True or str(value).lower() in ("true", "auto"):
+    if str(cfg.get("stage")) in ("evaluate", "export"):  # nothing to continue: they run again, in PATH if given
+        folder = Path(str(value)).expanduser() if is_path(value) else own
+        if not folder.is_dir():
+            raise KdtoolError(f"resume={value}: no such folder; pass the folder of the {cfg.stage} run to redo")
+    elif value is True or str(value).lower() in ("true", "auto"):
         folder = own
         if not _checkpoints(own) and str(value).lower() == "true" and not _in_sweep():
             folder = _latest_run(cfg, exclude=own)

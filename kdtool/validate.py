@@ -19,7 +19,7 @@ def validate(cfg: DictConfig) -> None:
     stage = str(cfg.get("stage"))
     from kdtool.resume import is_path, requested_folder
 
-    if is_path(cfg.get("resume", False)):
+    if is_path(cfg.get("resume", False)) and stage in TRAINING_STAGES:
         requested_folder(cfg.resume)
     if stage in TRAINING_STAGES:
         _training(cfg, stage)

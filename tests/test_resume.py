@@ -188,3 +188,30 @@ def test_resume_true_in_a_sweep_continues_each_job_in_its_own_folder(tmp_path):
         history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert [h["epoch"] for h in history] == [1, 2]
         assert load_checkpoint(folder / "last.pt")["config"]["train"]["lr"] == [0.01, 0.02][int(job)]
+
+
+def test_run_folder_decides_where_a_resumed_stage_writes(tmp_path):
+    from omegaconf import OmegaConf
+
+    from kdtool.errors import KdtoolError
+    from kdtool.resume import run_folder
+
+    runs, own = tmp_path / "runs", tmp_path / "runs" / "train-teacher" / "new"
+    old = runs / "train-teacher" / "old"
+    (old / ".hydra").mkdir(parents=True)
+    own.mkdir(parents=True)
+
+    def cfg(stage, resume):
+        return OmegaConf.create({"stage": stage, "resume": resume, "output_dir": str(own), "runs_dir": str(runs)})
+
+    assert run_folder(cfg("train-teacher", False)) == own
+    assert run_folder(cfg("train-teacher", "auto")) == own, "auto: its own folder, even when empty"
+    with pytest.raises(KdtoolError, match="no interrupted 'train-teacher' run"):
+        run_folder(cfg("train-teacher", True))  # old/ holds no last.pt yet
+    save_checkpoint(old / "last.pt", {"epoch": 1})
+    c = cfg("train-teacher", True)
+    assert run_folder(c) == old and c.output_dir == str(old) and c.resume == "auto"
+    with pytest.raises(KdtoolError, match="holds no last.pt"):
+        run_folder(cfg("train-teacher", str(own)))
+    assert run_folder(cfg("train-teacher", str(old / "last.pt"))) == old
+    assert run_folder(cfg("evaluate", True)) == own, "evaluate has nothing to continue: it runs again"
