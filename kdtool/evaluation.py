@@ -15,29 +15,39 @@ from kdtool.models import count_parameters
 
 
 @torch.inference_mode()
-def measure_speed(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
+@torch.inference_mode()
+def measure_speed(models: list[nn.Module], input_shape: tuple[int, ...], device: torch.device, *,
                   batch1_runs: int = 50, throughput_batch: int = 64, throughput_runs: int = 10,
-                  warmup: int = 5) -> dict[str, float]:
-    """Median latency of one image (ms) and images per second at `throughput_batch`."""
-    model.eval()
+                  warmup: int = 5, min_seconds: float = 0.5, rounds: int = 5) -> list[dict[str, float]]:
+    """Median latency of one image (ms) and images per second at `throughput_batch` of each model, without autograd.
 
-    def timed(x: torch.Tensor, runs: int) -> list[float]:
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(runs):
-            _sync(device)
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return times
-
+    The models take turns over `rounds` rounds, so a burst of load from elsewhere on the machine falls
+    on all of them alike instead of on whichever was measured at that moment. Each model's samples add
+    up to at least `*_runs` forward passes and `min_seconds` per measurement.
+    """
     one = torch.rand(1, *input_shape, device=device)
     many = torch.rand(throughput_batch, *input_shape, device=device)
-    latency = statistics.median(timed(one, batch1_runs))
-    per_batch = statistics.median(timed(many, throughput_runs))
-    return {"latency_ms_b1": 1000.0 * latency, f"throughput_ips_b{throughput_batch}": throughput_batch / per_batch}
+    samples: list[dict[str, list[float]]] = [{"one": [], "many": []} for _ in models]
+    for m in models:
+        m.eval()
+        for x in (one, many):
+            for _ in range(warmup):
+                m(x)
+    for _ in range(rounds):
+        for m, sample in zip(models, samples):
+            for key, x, runs in (("one", one, batch1_runs), ("many", many, throughput_runs)):
+                times, start = sample[key], time.perf_counter()
+                want = -(-runs // rounds)  # this round's share
+                done = 0
+                while done < want or time.perf_counter() - start < min_seconds / rounds:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    m(x)
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                    done += 1
+    return [{"latency_ms_b1": 1000.0 * statistics.median(s["one"]),
+             f"throughput_ips_b{throughput_batch}": throughput_batch / statistics.median(s["many"])} for s in samples]
 
 
 def _sync(device: torch.device) -> None:

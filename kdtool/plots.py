@@ -93,6 +93,9 @@ def plot_tradeoffs(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             ax.annotate(r.get("label") or r["name"], (r[key], r["acc1"]), textcoords="offset points",
                         xytext=(5, 5), fontsize="x-small")
         ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor ticks' labels overlap on a narrow log axis
         ax.set(xlabel=f"{label} (log scale)", ylabel="test top-1 %")
         ax.grid(alpha=0.3, which="both")
         handles, labels = ax.get_legend_handles_labels()

@@ -500,7 +500,7 @@ def evaluate(cfg: DictConfig) -> float:
     loader = make_loader(data.test, int(cfg.batch_size), shuffle=False, device=device,
                          loader_cfg=(cfg.get("dataset") or {}).get("loader"))
     speed_cfg = cfg.get("speed") or {}
-    rows, logits = [], []
+    rows, logits, models = [], [], []
     for path, ckpt in zip(paths, ckpts):
         model = classifier_from_checkpoint(ckpt, device)
         out_logits, labels = predict(model, loader, limit_batches=cfg.get("limit_eval_batches"))
@@ -509,12 +509,17 @@ def evaluate(cfg: DictConfig) -> float:
         row = {"name": Path(path).parent.name + "/" + Path(path).name, "path": str(path),
                "role": ckpt.get("role", "?"), "model": ckpt["model"]["name"], **m,
                **size_metrics(model.net, path), "macs": count_macs(model, (data.in_chans, *data.image_size))}
-        if speed_cfg.get("enabled", True):
-            shape = (data.in_chans, *data.image_size)
-            row.update(measure_speed(model, shape, device, batch1_runs=int(speed_cfg.get("batch1_runs", 50)),
-                                     throughput_batch=int(speed_cfg.get("throughput_batch", 64)),
-                                     throughput_runs=int(speed_cfg.get("throughput_runs", 10))))
         rows.append(row)
+        models.append(model)
+    if speed_cfg.get("enabled", True):  # all models in turns, so load from elsewhere falls on all alike
+        speeds = measure_speed(models, (data.in_chans, *data.image_size), device,
+                               batch1_runs=int(speed_cfg.get("batch1_runs", 50)),
+                               throughput_batch=int(speed_cfg.get("throughput_batch", 64)),
+                               throughput_runs=int(speed_cfg.get("throughput_runs", 10)),
+                               min_seconds=float(speed_cfg.get("min_seconds", 0.5)))
+        for row, speed in zip(rows, speeds):
+            row.update(speed)
+    del models
     _add_ensemble_row(rows, logits, labels)
     info = summarise(rows)
     teacher_i = next((i for i, r in enumerate(rows) if r["role"] == "teacher"), None)

@@ -26,7 +26,7 @@ TIME_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}$")  # ${now:%Y-%m-%
 FAKE = ["dataset=fake", "train.progress=false"]
 SMALL_TEACHER = ["teacher.kwargs.channels=[8,16]", "teacher.kwargs.fc_dim=32"]
 TINY_STUDENT = ["student=cnn_tiny"]
-QUICK_SPEED = ["speed.batch1_runs=3", "speed.throughput_runs=2"]
+QUICK_SPEED = ["speed.batch1_runs=3", "speed.throughput_runs=2", "speed.min_seconds=0"]
 TEACHER_EPOCHS = 2
 DISTILL_EPOCHS = 2
 WORKERS = 2  # kdtool processes at a time

@@ -158,3 +158,30 @@ def test_plots_switch_is_on_by_default_and_off_under_smoke(stage):
     with initialize_config_module(config_module="kdtool.configs", version_base="1.3"):
         assert compose(config_name=stage).plots is True
         assert compose(config_name=stage, overrides=["debug=smoke"]).plots is False
+
+
+def test_measure_speed_ranks_a_slower_model_slower_and_takes_turns():
+    import time as _time
+
+    from kdtool.evaluation import measure_speed
+
+    calls: list[str] = []
+
+    class Net(torch.nn.Module):
+        def __init__(self, name: str, pause: float):
+            super().__init__()
+            self.name, self.pause, self.lin = name, pause, torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            calls.append(self.name)
+            _time.sleep(self.pause)
+            return self.lin(x.flatten(1))
+
+    fast, slow = Net("fast", 0.0), Net("slow", 0.002)
+    speeds = measure_speed([fast, slow], (4,), torch.device("cpu"), batch1_runs=10, throughput_batch=8,
+                           throughput_runs=5, warmup=1, min_seconds=0.0, rounds=3)
+    assert len(speeds) == 2
+    assert speeds[1]["latency_ms_b1"] > 2.0 > speeds[0]["latency_ms_b1"]
+    assert speeds[0]["throughput_ips_b8"] > speeds[1]["throughput_ips_b8"]
+    switches = sum(a != b for a, b in zip(calls, calls[1:]))
+    assert switches >= 2 * 3 - 1, "the models take turns, round after round"
