@@ -199,7 +199,7 @@ def fit(
     metrics.jsonl and metrics.csv. Best is chosen on validation accuracy only. `reduce` sums the
     epoch's counts over processes; `replicas` (kdtool.distributed) also averages gradients across them.
 
-    `train_state` (see `_train_state`) is everything beyond the weights that a resumed run needs to
+    `train_state` (built by the inner `train_state`) is everything beyond the weights that a resumed run needs to
     continue exactly where this one stopped; pass it back as `resume` (the weights are the caller's
     to restore). With `on_interrupt`, SIGTERM and SIGINT stop training after the current step:
     `on_interrupt(train_state)` saves it and fit raises TrainingInterrupted.
