@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import json
 from collections import Counter
 
 import numpy as np
@@ -235,3 +236,24 @@ def test_check_model_name_suggests_close_names():
     assert "resnet19" in str(info.value)
     with pytest.raises(KdtoolError):
         create_model("resnet19", num_classes=10, in_chans=1, img_size=(28, 28))
+
+
+def test_unreadable_image_through_the_command(tmp_path):
+    """train-teacher on an image folder with a broken file: one line naming it; skip_unreadable=true trains."""
+    from conftest import run_kdtool
+
+    root = make_image_folder(tmp_path / "imgs", {"train": {"a": 6, "b": 6}, "val": {"a": 2, "b": 2}})
+    broken = root / "train" / "a" / "broken.png"
+    broken.write_bytes(b"not an image")
+    args = ["train-teacher", "dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=[8,8]",
+            "dataset.loader.num_workers=1", "teacher.kwargs.channels=[4,8]", "teacher.kwargs.fc_dim=16",
+            "train.epochs=1", "train.progress=false", f"runs_dir={tmp_path / 'runs'}"]
+    failed = run_kdtool(*args, cwd=tmp_path)
+    assert failed.returncode == 2, failed.describe()
+    line = failed.stderr.strip().splitlines()[-1]
+    assert line.startswith("kdtool: error: image ") and str(broken) in line and "skip_unreadable=true" in line
+    assert not list((tmp_path / "runs").rglob("*.pt")), "no checkpoint"
+    skipped = run_kdtool(*args, "dataset.skip_unreadable=true", cwd=tmp_path).check()
+    assert f"skipping unreadable image {broken}" in skipped.output
+    metrics = [json.loads(line) for line in next((tmp_path / "runs").rglob("metrics.jsonl")).read_text().splitlines()]
+    assert [m["skipped_images"] for m in metrics] == [1]
