@@ -50,7 +50,7 @@ def run_folder(cfg: DictConfig) -> Path:
         return own
     if str(cfg.get("stage")) in ("evaluate", "export"):  # nothing to continue: they run again, in PATH if given
         folder = Path(str(value)).expanduser() if is_path(value) else own
-        if not folder.is_dir():
+        if is_path(value) and not folder.is_dir():  # its own folder is made when it starts
             raise KdtoolError(f"resume={value}: no such folder; pass the folder of the {cfg.stage} run to redo")
     elif value is True or str(value).lower() in ("true", "auto"):
         folder = own

@@ -215,3 +215,6 @@ def test_run_folder_decides_where_a_resumed_stage_writes(tmp_path):
         run_folder(cfg("train-teacher", str(own)))
     assert run_folder(cfg("train-teacher", str(old / "last.pt"))) == old
     assert run_folder(cfg("evaluate", True)) == own, "evaluate has nothing to continue: it runs again"
+    assert run_folder(cfg("export", "auto")) == own  # inside a resumed pipeline
+    own.rmdir()
+    assert run_folder(cfg("evaluate", "auto")) == own, "a folder the stage has not made yet is no error"
