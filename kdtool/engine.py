@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import math
+import random
+import signal
 import sys
 import time
 import warnings
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -376,16 +379,12 @@ class _StopOnSignal:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self):
-        import signal
-
         if self.enabled:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, _frame):
-        import signal
-
         self.signal = signal.Signals(signum).name
         log.warning(f"{self.signal}: stopping after the current step and saving a checkpoint "
                     f"(send it again to stop at once)")
@@ -393,8 +392,6 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
     def __exit__(self, *exc):
-        import signal
-
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
@@ -402,10 +399,6 @@ class _StopOnSignal:
 
 def rng_state() -> dict[str, Any]:
     """Every random generator training draws from: Python's, NumPy's, torch's CPU and GPU ones."""
-    import random
-
-    import numpy as np
-
     py_version, py_state, py_gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {"python": [py_version, list(py_state), py_gauss],
@@ -416,10 +409,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what `rng_state` returned (checkpoints hold plain lists and tensors only)."""
-    import random
-
-    import numpy as np
-
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     keys, pos, has_gauss, gauss = state["numpy"]
