@@ -13,13 +13,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kdtool.errors import KdtoolError
 
-# stage -> (primary config, stage function name in kdtool.stages, what it does)
+# subcommand -> (name, what it does): the stage's primary config is configs/<name>.yaml and its
+# function is kdtool.stages.<name>.<name>
 STAGES = {
-    "train-teacher": ("train_teacher", "train_teacher", "train (or fine-tune) the teacher with cross-entropy"),
-    "distill": ("distill", "distill", "distil a teacher checkpoint into a student"),
-    "evaluate": ("evaluate", "evaluate", "compare checkpoints: accuracy, calibration, agreement, size, MACs, latency"),
-    "export": ("export", "export", "write TorchScript, ONNX and safetensors, each verified"),
-    "pipeline": ("pipeline", "pipeline", "all of the above on the default config, with a student-alone baseline"),
+    "train-teacher": ("train_teacher", "train (or fine-tune) the teacher with cross-entropy"),
+    "distill": ("distill", "distil a teacher checkpoint into a student"),
+    "evaluate": ("evaluate", "compare checkpoints: accuracy, calibration, agreement, size, MACs, latency"),
+    "export": ("export", "write TorchScript, ONNX and safetensors, each verified"),
+    "pipeline": ("pipeline", "all of the above on the default config, with a student-alone baseline"),
 }
 
 # commands that read run folders instead of composing a config: plain argparse, no Hydra run folder
@@ -38,14 +39,15 @@ Each stage is a Hydra application: `kdtool <stage> --help` lists its config grou
 """
 
 
-def _run(stage_fn: str, cfg: DictConfig) -> Any:
+def _run(name: str, cfg: DictConfig) -> Any:
     """Run a stage; a user's mistake becomes one line on stderr and exit status 2 (128 + signal when stopped)."""
-    from kdtool import stages
+    import importlib
+
     from kdtool.validate import validate
 
     try:
         validate(cfg)
-        return getattr(stages, stage_fn)(cfg)
+        return getattr(importlib.import_module(f"kdtool.stages.{name}"), name)(cfg)
     except (KdtoolError, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("KDTOOL_DEBUG") == "1":
             raise
@@ -79,16 +81,12 @@ def run_pipeline(cfg: DictConfig) -> Any:
 
 
 TASKS: dict[str, Callable[[DictConfig], Any]] = {
-    "train-teacher": run_train_teacher,
-    "distill": run_distill,
-    "evaluate": run_evaluate,
-    "export": run_export,
-    "pipeline": run_pipeline,
+    name: globals()[f"run_{name}"] for name, _ in STAGES.values()
 }
 
 
 def usage() -> str:
-    docs = {**{name: doc for name, (_, _, doc) in STAGES.items()}, **{name: doc for name, (_, doc) in COMMANDS.items()}}
+    docs = {**{name: doc for name, (_, doc) in STAGES.items()}, **{name: doc for name, (_, doc) in COMMANDS.items()}}
     width = max(map(len, docs))
     return USAGE.format(stages="\n".join(f"  {name:<{width}}  {doc}" for name, doc in docs.items()))
 
@@ -109,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         print(usage(), file=sys.stderr)
         sys.exit(2)
     stage = argv[0]
-    config_name = STAGES[stage][0]
+    name = STAGES[stage][0]
     sys.argv = [f"kdtool {stage}", *argv[1:]]
-    app = hydra.main(version_base="1.3", config_path=config_source(), config_name=config_name)(TASKS[stage])
+    app = hydra.main(version_base="1.3", config_path=config_source(), config_name=name)(TASKS[name])
     app()
 
 

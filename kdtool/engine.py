@@ -25,6 +25,7 @@ from torch import nn
 
 from kdtool.checkpoints import atomic_write_text
 from kdtool.errors import KdtoolError
+from kdtool.optim import as_schedule
 
 log = logging.getLogger("kdtool")
 
@@ -198,161 +199,220 @@ def fit(
 ) -> FitResult:
     """Train `task` for train_cfg.epochs, validating `model` after every epoch.
 
-    `on_epoch_end(epoch, metrics, is_best, train_state)` saves checkpoints; `metrics_dir` receives
-    metrics.jsonl and metrics.csv. Best is chosen on validation accuracy only. `reduce` sums the
-    epoch's counts over processes; `replicas` (kdtool.distributed) also averages gradients across them.
+    `scheduler` is a kdtool.optim.Schedule (stepped after every optimizer step or every epoch) or a
+    bare torch scheduler (every epoch). `on_epoch_end(epoch, metrics, is_best, train_state)` saves
+    checkpoints; `metrics_dir` receives metrics.jsonl and metrics.csv. Best is chosen on validation
+    accuracy only. `reduce` sums the epoch's counts over processes; `replicas` (kdtool.distributed)
+    also averages gradients across them.
 
-    `train_state` (built by the inner `train_state`) is everything beyond the weights that a resumed run needs to
+    `train_state` (see `_Loop.state`) is everything beyond the weights that a resumed run needs to
     continue exactly where this one stopped; pass it back as `resume` (the weights are the caller's
     to restore). With `on_interrupt`, SIGTERM and SIGINT stop training after the current step:
     `on_interrupt(train_state)` saves it and fit raises TrainingInterrupted.
     """
-    if replicas is not None and replicas.world_size > 1:
-        is_main = is_main and replicas.is_main
-        reduce = reduce or replicas.reduce
-        # one module holding every trainable part, so DDP averages adaptor gradients with the student's
-        step_fn = replicas.wrap(_TaskModule(task))
-        on_interrupt = None  # ranks would stop at different steps; a resumed DDP run starts at an epoch boundary
-    else:
-        replicas, step_fn = None, task.step
-    epochs = int(train_cfg["epochs"])
-    precision = str(train_cfg.get("precision", "fp32"))
-    channels_last = bool(train_cfg.get("channels_last", False))
-    device = next(model.parameters()).device
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
-    params = [p for m in task.trainable() for p in m.parameters() if p.requires_grad]
-    clip = train_cfg.get("grad_clip")
-    log_every = max(1, int(train_cfg.get("log_every", 50)))
-    # float64 sums keep counts exact over any epoch; MPS has no float64
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    result = FitResult()
-    start_epoch, partial = 0, None
-    if resume:
-        start_epoch, partial = int(resume["epoch"]), resume.get("partial")
-        result.history, result.best = list(resume.get("history") or []), dict(resume.get("best") or {})
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None and resume.get("scheduler") is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
-        if resume.get("epochs") not in (None, epochs):
-            log.warning(f"{title}: resuming a run planned for {resume['epochs']} epochs with train.epochs={epochs}; "
-                        "the learning-rate scheduler keeps its saved state (e.g. a cosine's T_max)")
-    progress = _Progress(enabled=is_main and bool(train_cfg.get("progress", True)))
-
-    def train_state(next_epoch: int, part: dict[str, Any] | None) -> dict[str, Any]:
-        return {"epoch": next_epoch, "epochs": epochs, "partial": part, "history": list(result.history), "best": dict(result.best),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state()}
-
-    stop = _StopOnSignal(enabled=on_interrupt is not None)
-    with stop:
-        for epoch in range(start_epoch, epochs):
-            for m in task.trainable():
-                m.train()
-            schedule_values = task.start_epoch(epoch, epochs)
-            # per step: one stack and two in-place adds, whatever the number of loss terms, and no device sync
-            names: list[str] = []
-            term_sums = torch.zeros(0, device=device, dtype=acc_dtype)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            seen, checked, first_step = 0, 0, 0
-            if partial is not None:  # resuming inside this epoch: its running sums so far
-                names, seen, checked, first_step = list(partial["names"]), partial["seen"], partial["checked"], partial["step"]
-                term_sums = partial["term_sums"].to(device=device, dtype=acc_dtype)
-                correct = torch.tensor(partial["correct"], device=device, dtype=torch.int64)
-            t0, c0 = time.perf_counter(), time.process_time()
-            wait = 0.0
-            steps = len(train_loader)
-            if train_cfg.get("limit_train_batches"):
-                steps = min(steps, int(train_cfg["limit_train_batches"]))
-            progress.start(f"{title} {epoch + 1}/{epochs}", steps)
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)  # the order and augmentation of an epoch depend on its number only
-            it = iter(train_loader)
-            for _ in range(first_step):  # the batches done before the interruption (the loader's own random draws)
-                next(it)
+    loop = _Loop(task, model, train_cfg, optimizer, scheduler, title, is_main, reduce, replicas, on_interrupt)
+    start_epoch, partial = loop.restore(resume)
+    with _StopOnSignal(enabled=loop.on_interrupt is not None) as stop:
+        for epoch in range(start_epoch, loop.epochs):
+            metrics = loop.train_epoch(epoch, train_loader, partial, stop)
             partial = None
-            for step in range(first_step, steps):
-                tw = time.perf_counter()
-                batch = next(it, None)
-                wait += time.perf_counter() - tw
-                if batch is None:  # a file loader that skipped a whole batch of unreadable images
-                    break
-                x, y, idx = batch
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    loss, logits, terms = step_fn(x, y, idx)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, float(clip))
-                scaler.step(optimizer)
-                scaler.update()
-                n = y.shape[0]
-                seen += n
-                with torch.no_grad():
-                    if not names:
-                        names = list(terms)
-                        term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
-                    term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
-                    correct.add_((logits.argmax(1) == y).sum())
-                if (step + 1) % log_every == 0 or stop.signal:
-                    # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
-                    running = term_sums.tolist()
-                    _check_finite(names, running, epoch, checked, step)
-                    checked = step + 1
-                    progress.update(step + 1, sum(running) / seen)
-                if stop.signal and step + 1 < steps:
-                    progress.finish()
-                    part = {"step": step + 1, "names": names, "term_sums": term_sums.cpu(), "correct": int(correct),
-                            "seen": seen, "checked": checked}
-                    saved = on_interrupt(train_state(epoch, part)) if on_interrupt else None
-                    raise TrainingInterrupted(stop.signal, epoch, step + 1, steps, saved)
-            if scheduler is not None:
-                scheduler.step()
-            totals = torch.cat([torch.tensor([seen], device=device, dtype=acc_dtype),
-                                correct.to(acc_dtype).view(1), term_sums])
-            if reduce is not None:
-                totals = reduce(totals)  # [images, correct, sum of each term x batch size], summed over ranks
-            totals = totals.tolist()
-            _check_finite(names, totals[2:], epoch, checked, steps - 1)
-            train_time = time.perf_counter() - t0
-            train_cpu = time.process_time() - c0
-            if replicas is not None:
-                for m in task.trainable():  # every rank validates rank 0's model, so all report one number
-                    replicas.sync_buffers(m)
-            metrics: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": sum(totals[2:]) / totals[0],
-                **{f"train_{k}": v / totals[0] for k, v in zip(names, totals[2:])},
-                "train_acc1": 100.0 * totals[1] / totals[0],
-                **schedule_values,
-                "lr": optimizer.param_groups[0]["lr"],
-                "epoch_time_s": train_time,
-                "epoch_cpu_s": train_cpu,
-                "data_wait_s": wait,
-                **({"skipped_images": len(train_loader.skipped)} if hasattr(train_loader, "skipped") else {}),
-            }
-            val = classification_metrics(*predict(model, val_loader, precision, channels_last,
-                                                  train_cfg.get("limit_eval_batches")))
-            metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-            is_best = not result.best or metrics["val_acc1"] > result.best["val_acc1"]
-            if is_best:
-                result.best = dict(metrics)
-            result.history.append(metrics)
-            progress.finish()
-            if is_main:
-                log.info(_epoch_line(title, metrics, epochs))
+            metrics.update(validate(model, val_loader, loop.precision, loop.channels_last,
+                                    train_cfg.get("limit_eval_batches")))
+            is_best = loop.record(metrics)
+            if loop.is_main:
+                log.info(_epoch_line(title, metrics, loop.epochs))
                 if metrics_dir is not None:
-                    write_metrics(metrics_dir, result.history)
-            on_epoch_end(epoch, metrics, is_best, train_state(epoch + 1, None))
-            if stop.signal and epoch + 1 < epochs:  # stopped during validation: resume at the next epoch
-                saved = on_interrupt(train_state(epoch + 1, None)) if on_interrupt else None
-                raise TrainingInterrupted(stop.signal, epoch + 1, 0, steps, saved)
-    return result
+                    write_metrics(metrics_dir, loop.result.history)
+            on_epoch_end(epoch, metrics, is_best, loop.state(epoch + 1, None))
+            if stop.signal and epoch + 1 < loop.epochs:  # stopped during validation: resume at the next epoch
+                loop.interrupt(stop.signal, epoch + 1, None, 0)
+    return loop.result
+
+
+def validate(model: nn.Module, loader: Any, precision: str, channels_last: bool,
+             limit_batches: int | None) -> dict[str, float]:
+    """The validation metrics of an epoch, named val_<metric>."""
+    val = classification_metrics(*predict(model, loader, precision, channels_last, limit_batches))
+    return {f"val_{k}": v for k, v in val.items() if k != "n"}
+
+
+class _Loop:
+    """The state of one `fit`: optimizer, schedule, AMP scaler, history; one epoch at a time."""
+
+    def __init__(self, task: Task, model: nn.Module, train_cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                 scheduler: Any, title: str, is_main: bool, reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+                 replicas: Replicas | None, on_interrupt: Callable[[dict[str, Any]], Path | None] | None):
+        if replicas is not None and replicas.world_size > 1:
+            is_main = is_main and replicas.is_main
+            reduce = reduce or replicas.reduce
+            # one module holding every trainable part, so DDP averages adaptor gradients with the student's
+            self.step_fn = replicas.wrap(_TaskModule(task))
+            on_interrupt = None  # ranks would stop at different steps; a resumed DDP run starts at an epoch boundary
+        else:
+            replicas, self.step_fn = None, task.step
+        self.task, self.model, self.cfg, self.title = task, model, train_cfg, title
+        self.optimizer, self.schedule = optimizer, as_schedule(scheduler)
+        self.is_main, self.reduce, self.replicas, self.on_interrupt = is_main, reduce, replicas, on_interrupt
+        self.epochs = int(train_cfg["epochs"])
+        self.precision = str(train_cfg.get("precision", "fp32"))
+        self.channels_last = bool(train_cfg.get("channels_last", False))
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16" and self.device.type == "cuda")
+        self.params = [p for m in task.trainable() for p in m.parameters() if p.requires_grad]
+        self.clip = train_cfg.get("grad_clip")
+        self.log_every = max(1, int(train_cfg.get("log_every", 50)))
+        # float64 sums keep counts exact over any epoch; MPS has no float64
+        self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.progress = _Progress(enabled=is_main and bool(train_cfg.get("progress", True)))
+        self.result = FitResult()
+
+    # ------------------------------------------------------------ resume and interruption
+
+    def restore(self, resume: Mapping[str, Any] | None) -> tuple[int, dict[str, Any] | None]:
+        """Load a saved train_state; the epoch to start at and the running sums of a half-done epoch."""
+        if not resume:
+            return 0, None
+        self.result.history, self.result.best = list(resume.get("history") or []), dict(resume.get("best") or {})
+        self.optimizer.load_state_dict(resume["optimizer"])
+        if self.schedule is not None and resume.get("scheduler") is not None:
+            self.schedule.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        if resume.get("epochs") not in (None, self.epochs):
+            log.warning(f"{self.title}: resuming a run planned for {resume['epochs']} epochs with train.epochs={self.epochs}; "
+                        "the learning-rate scheduler keeps its saved state (e.g. a cosine's T_max)")
+        return int(resume["epoch"]), resume.get("partial")
+
+    def state(self, next_epoch: int, part: dict[str, Any] | None) -> dict[str, Any]:
+        """What a resumed run needs beyond the weights: epoch, step sums, history, optimizer, schedule, RNGs."""
+        return {"epoch": next_epoch, "epochs": self.epochs, "partial": part, "history": list(self.result.history),
+                "best": dict(self.result.best), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "scheduler": self.schedule.state_dict() if self.schedule is not None else None, "rng": rng_state()}
+
+    def interrupt(self, signal_name: str, epoch: int, part: dict[str, Any] | None, steps: int) -> None:
+        """Save the state to resume from (through on_interrupt) and raise TrainingInterrupted."""
+        saved = self.on_interrupt(self.state(epoch, part)) if self.on_interrupt else None
+        raise TrainingInterrupted(signal_name, epoch, part["step"] if part else 0, steps, saved)
+
+    # ------------------------------------------------------------ one epoch
+
+    def train_epoch(self, epoch: int, loader: Any, partial: Mapping[str, Any] | None, stop: _StopOnSignal) -> dict[str, Any]:
+        """Train one epoch (from `partial`'s step when resuming inside it); its training metrics."""
+        device, acc_dtype = self.device, self.acc_dtype
+        for m in self.task.trainable():
+            m.train()
+        schedule_values = self.task.start_epoch(epoch, self.epochs)
+        # per step: one stack and two in-place adds, whatever the number of loss terms, and no device sync
+        names: list[str] = []
+        term_sums = torch.zeros(0, device=device, dtype=acc_dtype)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen, checked, first_step, lr_sum = 0, 0, 0, 0.0
+        if partial is not None:  # resuming inside this epoch: its running sums so far
+            names, seen, checked, first_step = list(partial["names"]), partial["seen"], partial["checked"], partial["step"]
+            term_sums = partial["term_sums"].to(device=device, dtype=acc_dtype)
+            correct = torch.tensor(partial["correct"], device=device, dtype=torch.int64)
+            lr_sum = float(partial.get("lr_sum", 0.0))
+        t0, c0 = time.perf_counter(), time.process_time()
+        wait = 0.0
+        steps = len(loader)
+        if self.cfg.get("limit_train_batches"):
+            steps = min(steps, int(self.cfg["limit_train_batches"]))
+        self.progress.start(f"{self.title} {epoch + 1}/{self.epochs}", steps)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)  # the order and augmentation of an epoch depend on its number only
+        it = iter(loader)
+        for _ in range(first_step):  # the batches done before the interruption (the loader's own random draws)
+            next(it)
+        done = first_step
+        for step in range(first_step, steps):
+            tw = time.perf_counter()
+            batch = next(it, None)
+            wait += time.perf_counter() - tw
+            if batch is None:  # a file loader that skipped a whole batch of unreadable images
+                break
+            lr_sum += self.optimizer.param_groups[0]["lr"]
+            loss, logits, terms, y = self._step(batch)
+            done = step + 1
+            n = y.shape[0]
+            seen += n
+            with torch.no_grad():
+                if not names:
+                    names = list(terms)
+                    term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
+                term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
+                correct.add_((logits.argmax(1) == y).sum())
+            if (step + 1) % self.log_every == 0 or stop.signal:
+                # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
+                running = term_sums.tolist()
+                _check_finite(names, running, epoch, checked, step)
+                checked = step + 1
+                self.progress.update(step + 1, sum(running) / seen)
+            if stop.signal and step + 1 < steps:
+                self.progress.finish()
+                self.interrupt(stop.signal, epoch, {"step": step + 1, "names": names, "term_sums": term_sums.cpu(),
+                                                    "correct": int(correct), "seen": seen, "checked": checked,
+                                                    "lr_sum": lr_sum}, steps)
+        if self.schedule is not None:
+            self.schedule.after_epoch()
+        self.progress.finish()
+        return self._epoch_metrics(epoch, names, seen, correct, term_sums, checked, steps, schedule_values,
+                                   lr=lr_sum / max(1, done), times=(time.perf_counter() - t0, time.process_time() - c0, wait),
+                                   loader=loader)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor, Any]) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+        """One optimizer step on a batch (AMP, gradient clipping, a step-interval schedule)."""
+        x, y, idx = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            loss, logits, terms = self.step_fn(x, y, idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, float(self.clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.schedule is not None:
+            self.schedule.after_step()
+        return loss, logits, terms, y
+
+    def _epoch_metrics(self, epoch: int, names: list[str], seen: int, correct: torch.Tensor, term_sums: torch.Tensor,
+                       checked: int, steps: int, schedule_values: Mapping[str, float], lr: float,
+                       times: tuple[float, float, float], loader: Any) -> dict[str, Any]:
+        """The epoch's training metrics, its counts summed over ranks; buffers synced for validation."""
+        device, acc_dtype = self.device, self.acc_dtype
+        totals = torch.cat([torch.tensor([seen], device=device, dtype=acc_dtype), correct.to(acc_dtype).view(1), term_sums])
+        if self.reduce is not None:
+            totals = self.reduce(totals)  # [images, correct, sum of each term x batch size], summed over ranks
+        totals = totals.tolist()
+        _check_finite(names, totals[2:], epoch, checked, steps - 1)
+        if self.replicas is not None:
+            for m in self.task.trainable():  # every rank validates rank 0's model, so all report one number
+                self.replicas.sync_buffers(m)
+        train_time, train_cpu, wait = times
+        return {
+            "epoch": epoch + 1,
+            "train_loss": sum(totals[2:]) / totals[0],
+            **{f"train_{k}": v / totals[0] for k, v in zip(names, totals[2:])},
+            "train_acc1": 100.0 * totals[1] / totals[0],
+            **schedule_values,
+            "lr": lr,  # the mean learning rate of the epoch's steps: the lr this epoch trained with
+            "epoch_time_s": train_time,
+            "epoch_cpu_s": train_cpu,
+            "data_wait_s": wait,
+            **({"skipped_images": len(loader.skipped)} if hasattr(loader, "skipped") else {}),
+        }
+
+    def record(self, metrics: dict[str, Any]) -> bool:
+        """Append an epoch to the history; whether it is the best on validation accuracy so far."""
+        is_best = not self.result.best or metrics["val_acc1"] > self.result.best["val_acc1"]
+        if is_best:
+            self.result.best = dict(metrics)
+        self.result.history.append(metrics)
+        return is_best
 
 
 class TrainingInterrupted(KdtoolError):

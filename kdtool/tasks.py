@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdtool.errors import KdtoolError, number
+from kdtool.features import FeatureTaps, net_of
 from kdtool.strategies import StepOutputs, Strategy
 
 
@@ -33,44 +34,6 @@ def check_temperature(cfg: Mapping[str, Any]) -> None:
     keys = ["value"] if cfg.get("schedule", "constant") == "constant" else ["start", "end"]
     for key in keys:
         number(cfg.get(key), f"temperature.{key}", 0, strict=True)
-
-
-class FeatureTaps:
-    """Forward hooks that keep the outputs of named modules of a network during a forward pass."""
-
-    def __init__(self, net: nn.Module, names: list[str]):
-        modules = dict(net.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise KdtoolError(
-                f"no module named {', '.join(missing)} in {type(net).__name__}; "
-                f"taps can be: {', '.join(feature_stage_names(net))}"
-            )
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in dict.fromkeys(names)]
-
-    def _keep(self, name: str):
-        def hook(_module, _inputs, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
-
-        return hook
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        out, self.outputs = self.outputs, {}
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def feature_stage_names(net: nn.Module) -> list[str]:
-    """The module names timm's feature_info lists (the stages most strategies tap), else top-level children."""
-    info = getattr(net, "feature_info", None)
-    if info:
-        entries = info.info if hasattr(info, "info") else info
-        return [e["module"] for e in entries]
-    return [n for n, _ in net.named_children()]
 
 
 class SupervisedTask:
@@ -115,8 +78,8 @@ class DistillTask:
         s_taps = sorted({t for s in self.terms.values() for t in s.student_taps})
         t_taps = sorted({t for s in self.terms.values() for t in s.teacher_taps})
         # hooks only where a strategy needs features: plain soft targets run the ordinary forward
-        self.student_taps = FeatureTaps(_net(student), s_taps) if s_taps else None
-        self.teacher_taps = FeatureTaps(_net(teacher), t_taps) if t_taps and teacher is not None else None
+        self.student_taps = FeatureTaps(net_of(student), s_taps) if s_taps else None
+        self.teacher_taps = FeatureTaps(net_of(teacher), t_taps) if t_taps and teacher is not None else None
 
     def trainable(self) -> list[nn.Module]:
         return [self.student, *[s for s in self.strategies.values() if any(True for _ in s.parameters())]]
@@ -154,8 +117,3 @@ class DistillTask:
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:
                 taps.remove()
-
-
-def _net(model: nn.Module) -> nn.Module:
-    """The timm network inside a Classifier (or the model itself)."""
-    return getattr(model, "net", model)

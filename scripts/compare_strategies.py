@@ -115,7 +115,7 @@ def ensemble(paths: list[Path]) -> dict:
     from kdtool.datasets import load_data, make_loader
     from kdtool.engine import classification_metrics, predict
     from kdtool.models import count_parameters
-    from kdtool.stages import classifier_from_checkpoint
+    from kdtool.stages.common import classifier_from_checkpoint
 
     ckpts = [load_checkpoint(p) for p in paths]
     data = load_data(ckpts[0]["dataset"], seed=int(ckpts[0]["config"]["seed"]))

@@ -45,7 +45,7 @@ def held_out_test_split(ckpt: dict):
 
 def logits_of(ckpt: dict, images: torch.Tensor) -> torch.Tensor:
     """The checkpoint's model (with its normalisation) on float images in [0, 1]."""
-    from kdtool.stages import classifier_from_checkpoint
+    from kdtool.stages.common import classifier_from_checkpoint
 
     model = classifier_from_checkpoint(ckpt, torch.device("cpu"))
     with torch.no_grad():

@@ -111,7 +111,7 @@ def test_the_package_configs_are_the_repository_configs():
 def test_every_primary_config_is_a_cli_stage():
     from kdtool.cli import STAGES
 
-    assert sorted(cfg for cfg, _, _ in STAGES.values()) == primaries()
+    assert sorted(name for name, _ in STAGES.values()) == primaries()
 
 
 @pytest.mark.parametrize("primary", primaries())
@@ -121,7 +121,7 @@ def test_primary_composes_and_resolves(primary, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     cfg, plain = compose_resolved(primary, ["runs_dir=/tmp/kdtool-test-runs"], keep_hydra=True)
     assert plain["output_dir"] == "/tmp/kdtool-test-output"
-    stage = next(name for name, (config, _, _) in STAGES.items() if config == primary)
+    stage = next(name for name, (config, _) in STAGES.items() if config == primary)
     assert plain["stage"] == stage, f"{primary}.yaml says stage: {plain['stage']}, the CLI calls it {stage}"
     # the run-folder layout: ${runs_dir}/<stage>/<time>/ and ${runs_dir}/<stage>/multirun/<time>/<n>/
     assert re.fullmatch(rf"/tmp/kdtool-test-runs/{stage}/{TIME}", str(cfg.hydra.run.dir)), cfg.hydra.run.dir
@@ -194,11 +194,13 @@ def check_usable(group: str, option: str, cfg: DictConfig, plain: dict) -> None:
         if not cfg.get("scheduler"):  # an empty scheduler is a constant learning rate: the stages build none
             assert not plain.get("scheduler"), f"scheduler/{option}"
             return
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-        sched = instantiate(cfg.scheduler, optimizer=opt)
+        from kdtool.optim import build_optimizer
+
+        opt, sched = build_optimizer(cfg, [torch.nn.Linear(2, 2)], steps_per_epoch=3)
         opt.step()
-        sched.step()
-        assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+        sched.after_step()
+        sched.after_epoch()
+        assert isinstance(sched.scheduler, torch.optim.lr_scheduler.LRScheduler)
     elif group == "temperature":
         from kdtool.tasks import check_temperature, temperature_at
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from kdtool import stages
 from kdtool.checkpoints import load_checkpoint, save_checkpoint
+from kdtool.stages.common import classifier_from_checkpoint
 
 TINY = ["dataset=fake", "train.progress=false", "train.epochs=2"]
 
@@ -19,7 +20,7 @@ def run(stage: str, out: Path, *overrides: str) -> float:
     config = stage.replace("-", "_")
     with initialize_config_module("kdtool.configs", version_base="1.3"):
         cfg = compose(config, overrides=[*TINY, *overrides, f"output_dir={out}", f"runs_dir={out.parent}"])
-    return getattr(stages, config)(cfg)
+    return getattr(importlib.import_module(f"kdtool.stages.{config}"), config)(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_teacher_with_other_normalisation_distils_the_same(tmp_path, mlp_teacher
     save_checkpoint(tmp_path / "other.pt", other)
 
     x = torch.rand(8, 1, 16, 16)
-    t1 = stages.classifier_from_checkpoint(ckpt, torch.device("cpu"))(x)
-    t2 = stages.classifier_from_checkpoint(load_checkpoint(tmp_path / "other.pt"), torch.device("cpu"))(x)
+    t1 = classifier_from_checkpoint(ckpt, torch.device("cpu"))(x)
+    t2 = classifier_from_checkpoint(load_checkpoint(tmp_path / "other.pt"), torch.device("cpu"))(x)
     torch.testing.assert_close(t1, t2, atol=1e-4, rtol=1e-4)
 
     student = ["student=timm", "student.name=kd_mlp", "+student.kwargs.hidden=[32]"]

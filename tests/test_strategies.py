@@ -18,11 +18,13 @@ import torch
 from conftest import FAKE, SMALL_TEACHER, Run, run_kdtool
 from hydra import compose, initialize_config_module
 
-from kdtool import stages
 from kdtool.checkpoints import load_checkpoint, save_checkpoint
 from kdtool.engine import Classifier
 from kdtool.errors import KdtoolError
 from kdtool.models import create_model
+from kdtool.stages.common import classifier_from_checkpoint
+from kdtool.stages.distill import distill
+from kdtool.stages.evaluate import data_for, evaluate
 from kdtool.strategies import StepOutputs, build_strategies
 from kdtool.tasks import DistillTask, temperature_at
 
@@ -192,15 +194,15 @@ def test_evaluate_with_two_teachers_adds_an_ensemble_row(runs, root, teachers, c
         checkpoints = f"checkpoints=[{teachers[0]},{teachers[1]},{out_of(root, 'multi') / 'best.pt'}]"
         cfg = compose("evaluate", overrides=[checkpoints, "speed.enabled=false", "plots=false",
                                              f"output_dir={out}", f"runs_dir={root}"])
-    stages.evaluate(cfg)
+    evaluate(cfg)
     assert "ensemble" in capsys.readouterr().out
     rows = json.loads((out / "evaluation.json").read_text())["models"]
     assert [r["role"] for r in rows] == ["teacher", "teacher", "ensemble", "student"]
     # the row is the mean of the two teachers' softmax, recomputed here
-    data = stages._data_for({}, load_checkpoint(teachers[0]))
+    data = data_for({}, load_checkpoint(teachers[0]))
     images = data.test.images.float() / 255.0
     with torch.no_grad():
-        probs = [stages.classifier_from_checkpoint(load_checkpoint(p), torch.device("cpu"))(images).softmax(1)
+        probs = [classifier_from_checkpoint(load_checkpoint(p), torch.device("cpu"))(images).softmax(1)
                  for p in teachers]
     correct = ((probs[0] + probs[1]).argmax(1) == data.test.labels).sum().item()
     assert rows[2]["errors"] == len(data.test) - correct
@@ -235,27 +237,27 @@ def test_multi_teacher_refuses_a_teacher_with_another_class_count_or_other_class
     cfg = compose_distill(tmp_path / "out", "+strategy=multi_teacher",
                           f"strategies.multi_teacher.teachers=[{a},{five}]")
     with pytest.raises(KdtoolError, match="predicts 5 classes but data set fake has 10"):
-        stages.distill(cfg)
+        distill(cfg)
     renamed = other_classes_teacher(a, tmp_path / "renamed.pt", names=[f"digit{i}" for i in range(10)])
     cfg = compose_distill(tmp_path / "out", "+strategy=multi_teacher",
                           f"strategies.multi_teacher.teachers=[{a},{renamed}]")
     with pytest.raises(KdtoolError, match="classes"):
-        stages.distill(cfg)
+        distill(cfg)
     cfg = compose_distill(tmp_path / "out", "+strategy=multi_teacher",
                           f"strategies.multi_teacher.teachers=[{a},{teachers[1]}]",
                           "strategies.multi_teacher.weights=[1,2,3]")
     with pytest.raises(KdtoolError, match="3 numbers for 2 teachers"):
-        stages.distill(cfg)
+        distill(cfg)
     cfg = compose_distill(tmp_path / "out", "+strategy=multi_teacher")
     with pytest.raises(KdtoolError, match="multi_teacher needs teachers"):
-        stages.distill(cfg)
+        distill(cfg)
     assert not list(tmp_path.joinpath("out").rglob("*.pt"))
 
 
 def test_self_distillation_refuses_a_generation_0_of_another_architecture(tmp_path, teachers):
     cfg = compose_distill(tmp_path, "+strategy=self_distillation", f"teacher.checkpoint={teachers[1]}")
     with pytest.raises(KdtoolError, match="born-again generations share one architecture"):
-        stages.distill(cfg)
+        distill(cfg)
     assert not list(tmp_path.rglob("*.pt"))
 
 

@@ -7,18 +7,9 @@ import logging
 import torch
 
 from kdtool.errors import KdtoolError, number
+from kdtool.features import FeatureTaps, feature_stage_names, net_of, shape_text
 from kdtool.losses import attention_transfer_loss
-from kdtool.strategies import (
-    StepOutputs,
-    Strategy,
-    net_of,
-    parse_pairs,
-    probe_features,
-    register_strategy,
-    resolve_stage,
-    shape_text,
-)
-from kdtool.tasks import feature_stage_names
+from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy, resolve_stage
 
 log = logging.getLogger("kdtool")
 
@@ -51,7 +42,7 @@ class AttentionTransfer(Strategy):
                        for i, (s, _) in enumerate(self.pair_specs)]
             t_names = [resolve_stage(t_net, t, "teacher", f"{setting}[{i}].teacher")
                        for i, (_, t) in enumerate(self.pair_specs)]
-            s_feats, t_feats = probe_features(student, s_names, sample), probe_features(teacher, t_names, sample)
+            s_feats, t_feats = FeatureTaps.probe(student, s_names, sample), FeatureTaps.probe(teacher, t_names, sample)
             for who, names, feats in (("student", s_names, s_feats), ("teacher", t_names, t_feats)):
                 for n in names:
                     if feats[n].dim() != 4:
@@ -61,7 +52,7 @@ class AttentionTransfer(Strategy):
                         )
         else:
             s_all, t_all = feature_stage_names(s_net), feature_stage_names(t_net)
-            s_feats, t_feats = probe_features(student, s_all, sample), probe_features(teacher, t_all, sample)
+            s_feats, t_feats = FeatureTaps.probe(student, s_all, sample), FeatureTaps.probe(teacher, t_all, sample)
             s_maps = [n for n in s_all if s_feats[n].dim() == 4]
             t_maps = [n for n in t_all if t_feats[n].dim() == 4]
             for who, net, maps, feats in (("student", s_net, s_maps, s_feats), ("teacher", t_net, t_maps, t_feats)):

@@ -4,25 +4,15 @@ regress onto the teacher's."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdtool.errors import KdtoolError
+from kdtool.features import FeatureTaps, net_of, shape_text
 from kdtool.losses import feature_mimicry_loss
-from kdtool.strategies import (
-    StepOutputs,
-    Strategy,
-    net_of,
-    parse_pairs,
-    probe_features,
-    register_strategy,
-    resolve_stage,
-    shape_text,
-)
+from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy, resolve_stage
 
 log = logging.getLogger("kdtool")
 
@@ -50,7 +40,8 @@ class FeatureMimicry(Strategy):
     Adaptors train with the student (they are saved as `adaptors_state`, never exported).
 
     `two_stage: true` first trains the student up to the hint layer(s) and the adaptors on this
-    loss alone for `hint_epochs` (FitNets' stage 1), then runs the normal distillation, in which
+    loss alone for `hint_epochs` (FitNets' stage 1, run by kdtool.stages.distill with HintTask), then
+    runs the normal distillation, in which
     this term keeps `weight` (set weight=0 for FitNets' stage 2 of soft targets and CE only).
     """
 
@@ -74,8 +65,8 @@ class FeatureMimicry(Strategy):
         setting = "strategies.feature_mimicry.pairs"
         s_names = [resolve_stage(s_net, s, "student", f"{setting}[{i}].student") for i, (s, _) in enumerate(specs)]
         t_names = [resolve_stage(t_net, t, "teacher", f"{setting}[{i}].teacher") for i, (_, t) in enumerate(specs)]
-        s_feats = probe_features(student, s_names, sample)
-        t_feats = probe_features(teacher, t_names, sample)
+        s_feats = FeatureTaps.probe(student, s_names, sample)
+        t_feats = FeatureTaps.probe(teacher, t_names, sample)
         self.adaptors, self.modes = nn.ModuleList(), []
         for s_name, t_name in zip(s_names, t_names, strict=True):
             s, t = s_feats[s_name], t_feats[t_name]
@@ -109,51 +100,15 @@ class FeatureMimicry(Strategy):
             total = term if total is None else total + term
         return total
 
-    # ------------------------------------------------------------ FitNets stage 1
-
-    def train_hints(self, cfg: Any, student: nn.Module, teacher: nn.Module, data: Any, device: torch.device,
-                    out: Path) -> None:
-        """FitNets' stage 1: the student's layers up to the hint layer(s) and the adaptors, on this loss alone.
-
-        Runs kdtool.engine.fit for `hint_epochs` with a fresh optimizer and scheduler of the configured
-        kind; metrics go to <out>/hint/metrics.jsonl. Only layers up to the hint layers receive
-        gradients (the loss does not depend on later ones), so the optimizer leaves the rest alone.
-        """
-        from omegaconf import OmegaConf, open_dict
-
-        from kdtool.datasets import make_loader
-        from kdtool.engine import check_precision, fit
-        from kdtool.stages import _optimizer
-
-        hint_cfg = cfg.copy()
-        with open_dict(hint_cfg):
-            hint_cfg.train.epochs = self.hint_epochs
-        train_cfg = OmegaConf.to_container(hint_cfg.train, resolve=True)
-        train_cfg["precision"] = check_precision(device, train_cfg.get("precision", "fp32"))
-        loader_cfg = cfg.dataset.get("loader")
-        train_loader = make_loader(data.train, int(train_cfg["batch_size"]), shuffle=True, device=device,
-                                   seed=int(cfg.seed), augment=cfg.dataset.get("augment"), loader_cfg=loader_cfg)
-        val_loader = make_loader(data.val, int(train_cfg.get("eval_batch_size", 1000)), shuffle=False,
-                                 device=device, loader_cfg=loader_cfg)
-        task = HintTask(student, teacher, self)
-        optimizer, scheduler = _optimizer(hint_cfg, task.trainable())
-        folder = Path(out) / "hint"
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            fit(task, student, train_loader, val_loader, train_cfg, optimizer, scheduler,
-                lambda *_: None, folder, title="hint")
-        finally:
-            task.close()
-        log.info(f"feature_mimicry: {self.hint_epochs} hint epoch(s) done (metrics in {folder}); "
-                 "now the distillation run")
-
 
 class HintTask:
-    """FitNets' stage 1 as an engine task: the hint loss alone, same step signature as DistillTask."""
+    """FitNets' stage 1 as an engine task: the hint loss alone, same step signature as DistillTask.
+
+    Only layers up to the hint layers receive gradients (the loss does not depend on later ones),
+    so an optimizer over the whole student leaves the rest alone.
+    """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, strategy: FeatureMimicry):
-        from kdtool.tasks import FeatureTaps
-
         self.student, self.teacher, self.strategy = student, teacher, strategy
         self.student_taps = FeatureTaps(net_of(student), strategy.student_taps)
         self.teacher_taps = FeatureTaps(net_of(teacher), strategy.teacher_taps)

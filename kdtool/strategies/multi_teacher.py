@@ -10,7 +10,7 @@ from torch import nn
 
 from kdtool.errors import KdtoolError
 from kdtool.losses import multi_teacher_targets
-from kdtool.strategies import StepOutputs, Strategy, register_strategy
+from kdtool.strategies.base import StepOutputs, Strategy, register_strategy
 
 
 @register_strategy("multi_teacher")

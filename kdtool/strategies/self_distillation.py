@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kdtool.errors import KdtoolError
-from kdtool.strategies import Strategy, register_strategy
+from kdtool.strategies.base import Strategy, register_strategy
 
 
 @register_strategy("self_distillation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdtool.losses import soft_target_loss, soft_target_loss_from_probs
-from kdtool.strategies import StepOutputs, Strategy, register_strategy
+from kdtool.strategies.base import StepOutputs, Strategy, register_strategy
 
 
 @register_strategy("soft_targets")
