@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
@@ -55,7 +56,7 @@ def build_optimizer(cfg: DictConfig, modules: list[torch.nn.Module], steps_per_e
                     epochs: int | None = None) -> tuple[torch.optim.Optimizer, Schedule | None]:
     """The configured optimizer over the trainable parameters of `modules`, and its schedule (or None)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optimizer, params=params)
+    optimizer = _instantiate("optimizer", cfg.optimizer, params=params)
     sched_cfg = cfg.get("scheduler")
     if not sched_cfg:
         return optimizer, None
@@ -65,7 +66,20 @@ def build_optimizer(cfg: DictConfig, modules: list[torch.nn.Module], steps_per_e
     if interval == "step":
         epochs = int(cfg.train.epochs if epochs is None else epochs)
         extra = {"total_steps": max(1, epochs * steps_per_epoch), "steps_per_epoch": max(1, steps_per_epoch)}
-    return optimizer, Schedule(instantiate(sched_cfg, optimizer=optimizer, **extra), interval)
+    return optimizer, Schedule(_instantiate("scheduler", sched_cfg, optimizer=optimizer, **extra), interval)
+
+
+def _instantiate(group: str, node: Any, **kwargs: Any) -> Any:
+    """hydra's instantiate; a setting the target refuses is one line naming the group, not a traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, KdtoolError):
+            raise e.__cause__ from None
+        cause = e.__cause__ if e.__cause__ is not None else e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise KdtoolError(f"the {group} config cannot be built ({type(cause).__name__}: {first}); "
+                          f"check its settings (kdtool <stage> --cfg job shows them)") from e
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
