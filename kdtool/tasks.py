@@ -82,7 +82,9 @@ class DistillTask:
         self.teacher_taps = FeatureTaps(net_of(teacher), t_taps) if t_taps and teacher is not None else None
 
     def trainable(self) -> list[nn.Module]:
-        return [self.student, *[s for s in self.strategies.values() if any(True for _ in s.parameters())]]
+        # a strategy without a weighted term (e.g. FitNets' stage 2 with weight 0) trains nothing: it stays out
+        # of the optimizer and of the DDP module, which would otherwise wait for gradients that never come
+        return [self.student, *[s for s in self.terms.values() if any(True for _ in s.parameters())]]
 
     def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
         if self.teacher is not None:

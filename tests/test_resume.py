@@ -80,7 +80,9 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path):
-    args = ["train-teacher", *BIG_FAKE, *SMALL_TEACHER, "train.epochs=3", "+dataset.augment.crop_padding=2"]
+    # a schedule stepped every optimizer step: the resumed run must continue it from the very step it stopped at
+    args = ["train-teacher", *BIG_FAKE, *SMALL_TEACHER, "train.epochs=3", "+dataset.augment.crop_padding=2",
+            "scheduler=warmup_cosine", "scheduler.warmup_epochs=1.5"]
     reference = start([*args, "hydra.run.dir=uninterrupted"], tmp_path)
     proc = start([*args, "hydra.run.dir=interrupted"], tmp_path)
     wait_for_epoch(tmp_path / "interrupted" / "last.pt", 1, proc)
@@ -94,6 +96,7 @@ def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path
     partial = saved["train_state"]["partial"]
     # 4032 training images in batches of 128: 32 steps an epoch
     assert saved["train_state"]["epoch"] == 1 and 0 < partial["step"] < 32, "the state of the middle of epoch 2"
+    assert saved["train_state"]["scheduler"]["last_epoch"] == 32 + partial["step"], "one schedule step per batch"
     resumed = run_kdtool(*args, "hydra.run.dir=interrupted", "resume=true", cwd=tmp_path).check()
     assert f"resuming from {tmp_path / 'interrupted' / 'last.pt'} at epoch 2, step {partial['step'] + 1}" in resumed.output
     _, err = reference.communicate(timeout=300)

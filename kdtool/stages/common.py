@@ -53,10 +53,36 @@ def output_dir(cfg: DictConfig) -> Path:
 
     With `resume`, the folder of the run it continues (kdtool.resume.run_folder); rank 0 decides.
     """
-    path = str(run_folder(cfg)) if os.environ.get("RANK", "0") == "0" else str(cfg.output_dir)
+    main = os.environ.get("RANK", "0") == "0"
+    path = str(run_folder(cfg)) if main else str(cfg.output_dir)
     out = Path(distributed.shared_output_dir(path, resolve_device(str(cfg.get("device", "auto")))))
     out.mkdir(parents=True, exist_ok=True)
+    if main and not resuming(cfg):
+        claim_folder(out, str(cfg.get("stage")))
     return out
+
+
+CLAIM = ".kdtool-run"
+
+
+def claim_folder(out: Path, stage: str) -> None:
+    """Mark `out` as this run's; a new run refuses a folder another run has claimed (or holds checkpoints of).
+
+    The claim is an exclusive create, so two runs started in the same second (one timestamped folder)
+    cannot both write there: the second stops before touching any file of the first.
+    """
+    taken = [n for n in ("last.pt", "best.pt", "results.json", "evaluation.json", "manifest.json", "pipeline.json")
+             if (out / n).exists()]
+    try:
+        fd = os.open(out / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        taken.insert(0, CLAIM)
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"stage": stage, "pid": os.getpid(), "host": platform.node()}) + "\n")
+    if taken:
+        raise KdtoolError(f"{out} already holds another run ({', '.join(taken)}); a new run never writes into it: "
+                          "choose another hydra.run.dir, or continue that run with resume=true")
 
 
 def build_classifier(model_cfg: Mapping[str, Any], data: Data, device: torch.device) -> tuple[Classifier, dict, dict]:
@@ -195,9 +221,11 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
     logger = build_logger(cfg, out) if ranks.is_main else None  # TensorBoard with logger=tensorboard
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], is_best: bool, train_state: dict[str, Any]) -> None:
-        save_last(train_state)
+        # best.pt first: a kill between the two writes leaves a last.pt one epoch behind, which a resume
+        # redoes, never a last.pt whose history names a best epoch that best.pt does not hold
         if is_best and ranks.is_main:
             save_checkpoint(out / "best.pt", payload(metrics, epoch + 1))
+        save_last(train_state)
         if logger is not None:
             logger.log_epoch(metrics)
 
@@ -243,32 +271,61 @@ def _test_best_and_last(model: Classifier, out: Path, data: Data, device: torch.
     return {"best": best, "last": last}
 
 
-def latest_teacher(runs_dir: str | Path) -> Path:
-    """The best.pt of the most recent train-teacher run under `runs_dir`."""
+def teacher_misfit(ckpt: Mapping[str, Any], data: Data) -> str | None:
+    """Why a checkpoint cannot teach on `data` (classes, their names and order, channels, image size), or None."""
+    inp, classes = ckpt["input"], [str(c) for c in ckpt.get("classes", [])]
+    if ckpt["model"]["num_classes"] != data.num_classes:
+        return f"predicts {ckpt['model']['num_classes']} classes but data set {data.name} has {data.num_classes}"
+    if classes != [str(c) for c in data.class_names]:
+        return (f"was trained on the classes {short_list(classes)} but data set {data.name} has "
+                f"{short_list(data.class_names)} (the outputs are compared class by class, in order)")
+    if inp["in_chans"] != data.in_chans:
+        return f"takes {inp['in_chans']}-channel images but data set {data.name} has {data.in_chans}"
+    if list(inp.get("image_size") or []) != list(data.image_size):
+        size = "x".join(map(str, inp.get("image_size") or []))
+        return (f"was trained on {size} images but data set {data.name} gives "
+                f"{'x'.join(map(str, data.image_size))} (set dataset.image_size to match, or retrain the teacher)")
+    return None
+
+
+def short_list(items: Any, n: int = 5) -> str:
+    items = [str(i) for i in items]
+    return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
+
+
+def latest_teacher(runs_dir: str | Path, data: Data) -> Path:
+    """The best.pt of the most recent train-teacher run under `runs_dir` whose teacher fits `data`."""
     root = Path(runs_dir)
-    found = sorted(root.glob("train-teacher/**/best.pt"), key=lambda p: p.stat().st_mtime)
-    found += sorted(root.glob("pipeline/**/train-teacher/best.pt"), key=lambda p: p.stat().st_mtime)
+    found = [*root.glob("train-teacher/**/best.pt"), *root.glob("pipeline/**/train-teacher/best.pt")]
     if not found:
         raise KdtoolError(
             f"no teacher checkpoint: pass teacher.checkpoint=PATH, or run 'kdtool train-teacher' first "
             f"(looked for {root}/train-teacher/**/best.pt)"
         )
-    return max(found, key=lambda p: p.stat().st_mtime)
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    misfits = []
+    for path in found:
+        try:
+            reason = teacher_misfit(load_checkpoint(path), data)
+        except KdtoolError as e:  # an unreadable file is no candidate, but the user hears of it
+            reason = str(e)
+        if reason is None:
+            return path
+        misfits.append(f"{path} {reason}")
+    raise KdtoolError(f"none of the {len(found)} teacher checkpoints under {root} fits data set {data.name} "
+                      f"(the newest, {misfits[0]}); train one with 'kdtool train-teacher dataset=...' "
+                      "or pass teacher.checkpoint=PATH")
 
 
 def load_teacher(path: str | Path, data: Data, device: torch.device) -> tuple[Classifier, dict]:
     """Load a frozen teacher and check that it fits the data set."""
     ckpt = load_checkpoint(path)
-    inp = ckpt["input"]
-    if ckpt["model"]["num_classes"] != data.num_classes:
-        raise KdtoolError(
-            f"teacher {path} predicts {ckpt['model']['num_classes']} classes but data set {data.name} has "
-            f"{data.num_classes}; use a teacher trained on this data set"
-        )
-    if inp["in_chans"] != data.in_chans:
-        raise KdtoolError(
-            f"teacher {path} takes {inp['in_chans']}-channel images but data set {data.name} has "
-            f"{data.in_chans}; use a teacher trained on this data set"
-        )
+    reason = teacher_misfit(ckpt, data)
+    if reason is not None:
+        raise KdtoolError(f"teacher {path} {reason}; use a teacher trained on this data set")
+    trained_on = (ckpt.get("dataset") or {}).get("name")
+    if trained_on and trained_on != data.name:
+        log.warning(f"teacher {path} was trained on data set {trained_on}; distilling on {data.name} "
+                    "(the same classes and image size)")
     teacher = classifier_from_checkpoint(ckpt, device).requires_grad_(False)
     return teacher, ckpt

@@ -50,11 +50,11 @@ def distill(cfg: DictConfig) -> float:
     strategies = build_strategies(cfg.get("strategies"))
     check_loss_weights(cfg.loss.ce_weight, strategies)
     self_distilling, multi = "self_distillation" in strategies, strategies.get("multi_teacher")
+    data = load_data(cfg.dataset, seed=int(cfg.seed))
     path = cfg.teacher.get("checkpoint")
     if not path and not self_distilling and multi is None:
-        path = latest_teacher(cfg.runs_dir)
-        log.info(f"teacher: using the most recent train-teacher run's checkpoint {path}")
-    data = load_data(cfg.dataset, seed=int(cfg.seed))
+        path = latest_teacher(cfg.runs_dir, data)
+        log.info(f"teacher: using the most recent train-teacher run's checkpoint that fits {data.name}: {path}")
     if OmegaConf.select(cfg, "cache.teacher", default=False):
         check_cacheable(data, cfg.dataset.get("augment"))  # before any training, not at the first student
     if self_distilling:
@@ -116,22 +116,11 @@ def _load_ensemble(cfg: DictConfig, multi: Any, data: Data, device: torch.device
         raise KdtoolError("multi_teacher needs teachers: strategies.multi_teacher.teachers=[a/best.pt,b/best.pt]")
     loaded = []
     for p in paths:
-        teacher, ckpt = load_teacher(p, data, device)  # refuses another class count or channel count
-        if [str(c) for c in ckpt.get("classes", [])] != [str(c) for c in data.class_names]:
-            raise KdtoolError(
-                f"teacher {p} was trained on the classes {_short_list(ckpt.get('classes', []))} but data set "
-                f"{data.name} has {_short_list(data.class_names)}; the teachers' outputs are averaged class by "
-                "class, so every teacher needs the data set's classes in its order"
-            )
+        teacher, ckpt = load_teacher(p, data, device)  # refuses other classes (or order), channels, image size
         loaded.append((p, teacher, ckpt))
     multi.attach([t for _, t, _ in loaded[1:]], len(loaded))
     log.info("multi_teacher: " + ", ".join(f"{c['model']['name']} ({p})" for p, _, c in loaded))
     return loaded
-
-
-def _short_list(items: Any, n: int = 5) -> str:
-    items = [str(i) for i in items]
-    return "[" + ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "") + "]"
 
 
 def _self_distill(cfg: DictConfig, strategies: Mapping[str, Any], data: Data, device: torch.device,
@@ -154,7 +143,9 @@ def _self_distill(cfg: DictConfig, strategies: Mapping[str, Any], data: Data, de
         teacher, tckpt = load_teacher(path, data, device)
         check_same_architecture(str(path), tckpt["model"], spec)
         ebs = int(cfg.train.get("eval_batch_size", 1000))
-        val, test = (classification_metrics(*predict(teacher, make_loader(split, ebs, shuffle=False, device=device)))
+        limit = cfg.get("limit_eval_batches")  # debug=smoke evaluates generation 0 on a few batches too
+        val, test = (classification_metrics(*predict(teacher, make_loader(split, ebs, shuffle=False, device=device),
+                                                     limit_batches=limit))
                      for split in (data.val, data.test))
         rows.append({"generation": 0, "teacher": "- (teacher.checkpoint)", "dir": str(Path(path).parent),
                      "checkpoint": str(Path(path).resolve()), "best_epoch": tckpt.get("epoch"),
