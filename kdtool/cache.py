@@ -31,12 +31,22 @@ FORMAT = "kdtool-teacher-logits"
 
 
 class TeacherLogits:
-    """DistillTask's `teacher_outputs`: the cached logits of the samples in a batch."""
+    """DistillTask's `teacher_outputs`: the cached logits of the samples in a batch.
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
+    With a `teacher`, rows are filled on first use (a limited run computes only what its batches need).
+    """
+
+    def __init__(self, logits: torch.Tensor, teacher: nn.Module | None = None):
+        self.logits, self.teacher = logits, teacher
+        self.filled = torch.zeros(len(logits), dtype=torch.bool, device=logits.device) if teacher is not None else None
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.filled is not None:
+            new = ~self.filled[idx]
+            if new.any():
+                with torch.no_grad():
+                    self.logits[idx[new]] = self.teacher(x[new]).float()
+                self.filled[idx[new]] = True
         return self.logits[idx]
 
 
@@ -50,6 +60,9 @@ def cached_teacher_outputs(cfg: Mapping[str, Any], strategies: Mapping[str, Any]
 
     taps = sorted({t for s in strategies.values() if s.weight for t in s.teacher_taps})
     check_cacheable(data, cfg["dataset"].get("augment"), taps)
+    if cfg.get("limit_train_batches"):  # debug=smoke: a few batches need a few rows, and a partial cache is no cache
+        log.info("teacher cache: a limited run computes the teacher's logits of the batches it uses and keeps none")
+        return TeacherLogits(torch.zeros(len(data.train), data.num_classes, device=device), teacher)
     args = (teacher, checkpoint, data, cfg["cache"]["dir"], device, int(cfg["train"].get("eval_batch_size", 1000)))
     ranks = distributed.replicas()
     if ranks.is_main:

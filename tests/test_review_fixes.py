@@ -122,3 +122,32 @@ def test_a_weight_zero_strategy_is_not_trained():
         task = DistillTask(student, teacher, strategies, 0.1, {"schedule": "constant", "value": 4.0})
         assert (strategies["feature_mimicry"] in task.trainable()) is trained, f"weight {weight}"
         task.close()
+
+
+def test_a_limited_run_fills_only_the_teacher_rows_its_batches_use(tmp_path):
+    from kdtool.cache import TeacherLogits
+
+    calls: list[int] = []
+
+    class Teacher(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return x.flatten(1)[:, :3] * 2
+
+    lazy = TeacherLogits(torch.zeros(10, 3), Teacher())
+    x = torch.rand(4, 1, 2, 2)
+    torch.testing.assert_close(lazy(x[:3], torch.tensor([7, 2, 5])), x[:3].flatten(1)[:, :3] * 2)
+    assert calls == [3] and lazy.filled.sum() == 3
+    # rows 2 and 7 are known: only row 0 runs the teacher; the others come from the first batch's images
+    out = lazy(torch.stack([x[3], torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)]), torch.tensor([0, 2, 7]))
+    torch.testing.assert_close(out, torch.stack([x[3], x[1], x[0]]).flatten(1)[:, :3] * 2)
+    assert calls == [3, 1], "rows already filled are served without running the teacher"
+
+
+def test_smoke_distill_with_the_cache_writes_no_cache_file(tmp_path):
+    teacher = teacher_file(tmp_path / "t" / "best.pt", FAKE_CFG)
+    run = run_kdtool("distill", *FAKE, *TINY_STUDENT, "debug=smoke", f"teacher.checkpoint={teacher}",
+                     "cache.teacher=true", f"cache.dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert run.returncode == 0, run.describe()
+    assert "keeps none" in run.output
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.pt"))
