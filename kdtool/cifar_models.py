@@ -424,8 +424,7 @@ class ShuffleV2Block(nn.Module):
 
     def __init__(self, channels: int, split_ratio: float = 0.5):
         super().__init__()
-        self.split_ratio = split_ratio
-        c = int(channels * split_ratio)
+        self.split = c = int(channels * split_ratio)  # fixed at build time, so a traced export records no shape arithmetic
         self.conv1 = nn.Conv2d(c, c, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
@@ -434,8 +433,7 @@ class ShuffleV2Block(nn.Module):
         self.bn3 = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = int(x.shape[1] * self.split_ratio)
-        kept, x2 = x[:, :c], x[:, c:]
+        kept, x2 = x[:, :self.split], x[:, self.split:]
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x2)))))
         out = F.relu(self.bn3(self.conv3(out)))
         return _channel_shuffle(torch.cat([kept, out], 1), 2)
