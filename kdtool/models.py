@@ -17,6 +17,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from kdtool import cifar_models  # noqa: F401  (registers the CIFAR zoo, cifar_*, in timm)
 from kdtool.errors import KdtoolError
 
 __all__ = ["KdMLP", "KdCNN", "create_model", "check_model_name", "count_parameters"]
