@@ -14,7 +14,7 @@ from torch import nn
 
 from kdtool import __version__
 from kdtool.errors import KdtoolError
-from kdtool.models import rebuild_model
+from kdtool.models import check_spec, rebuild_model
 
 FORMAT = "kdtool-checkpoint"
 FORMAT_VERSION = 1
@@ -79,6 +79,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise KdtoolError(f"{path} is not a readable checkpoint (truncated, or not a torch file): {reason}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise KdtoolError(f"{path} is not a kdtool checkpoint (no '{FORMAT}' header); kdtool reads only its own checkpoints")
+    if "model" in data:
+        check_spec(data["model"], where=str(path))  # a spec must not steer timm to other files or the hub
     return data
 
 
