@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdtool.checkpoints import atomic_write, load_checkpoint, save_checkpoint
+from kdtool.checkpoints import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
 from kdtool.errors import KdtoolError
 
 
@@ -64,21 +64,131 @@ def test_truncated_foreign_and_missing_files_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_failed_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def _write_some(f, data: bytes) -> None:
+    """Write through whatever torch.save was handed: a path or an open file."""
+    if hasattr(f, "write"):
+        f.write(data)
+        f.flush()
+    else:
+        Path(f).write_bytes(data)
+
+
+def test_disk_full_inside_torch_save_keeps_the_last_good_checkpoint_byte_for_byte(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1, "model_state": {"w": torch.zeros(4)}})
+    before = path.read_bytes()
 
     def disk_full(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        _write_some(f, b"partial" * 4096)  # some bytes reach the disk, then it is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(KdtoolError, match="could not write checkpoint .*No space left on device.*previous one is intact"):
+    with pytest.raises(KdtoolError) as info:
         save_checkpoint(path, {"epoch": 2, "model_state": {"w": torch.ones(4)}})
     monkeypatch.undo()
-    assert load_checkpoint(path)["epoch"] == 1
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"cannot write checkpoint .*last\.pt: No space left on device; free space there, or set "
+                        r"runs_dir=DIR on a disk with room \(the previous last\.pt is intact\)", message), message
+    assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_bug_inside_torch_save_keeps_its_traceback_and_the_last_good_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+    before = path.read_bytes()
+
+    def bug(obj, f, *args, **kwargs):
+        _write_some(f, b"partial")
+        raise RuntimeError("a bug in what was saved")
+
+    monkeypatch.setattr(torch, "save", bug)
+    with pytest.raises(RuntimeError, match="a bug in what was saved") as info:
+        save_checkpoint(path, {"epoch": 2})
+    assert not isinstance(info.value, KdtoolError)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_failing_fsync_of_a_text_file_keeps_the_old_text(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")  # e.g. NFS reports a full disk only here
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KdtoolError) as info:
+        atomic_write_text(path, "new")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"cannot write {path}: No space left on device; free space"), message
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+_CHILD = """
+import os, signal, sys, torch
+from kdtool.checkpoints import atomic_write_text, save_checkpoint
+from kdtool.errors import KdtoolError
+what, path = sys.argv[1], sys.argv[2]
+if what == "kill":
+    real = torch.save
+    def save_then_die(obj, f, *a, **k):
+        real(obj, f, *a, **k)  # the whole file is written, but not yet moved into place
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = save_then_die
+try:
+    if what == "text":
+        atomic_write_text(path, "x" * 1_000_000)
+    else:
+        save_checkpoint(path, {"epoch": 2, "model_state": {"w": torch.ones(1_000_000)}})
+except KdtoolError as e:
+    print(f"kdtool: error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _child(what: str, path: Path, file_limit: int | None = None):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
+
+    return subprocess.run([sys.executable, "-c", _CHILD, what, str(path)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit if file_limit else None)
+
+
+@pytest.mark.parametrize("what,name", [("checkpoint", "last.pt"), ("text", "metrics.json")])
+def test_a_real_write_failure_deep_inside_torch_save_is_one_line(tmp_path, what, name):
+    """A file-size limit makes the real torch.save (its C++ zip writer) fail half way, as a full disk does."""
+    path = tmp_path / name
+    save_checkpoint(path, {"epoch": 1}) if what == "checkpoint" else path.write_text("old")
+    before = path.read_bytes()
+    proc = _child(what, path, file_limit=256 * 1024)  # the new file is 4 MB (checkpoint) or 1 MB (text)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kdtool: error: cannot write {'checkpoint ' * (what == 'checkpoint')}{path}: "
+                                                    "File too large; free space there"), proc.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_kill_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+    before = path.read_bytes()
+    proc = _child("kill", path)
+    assert proc.returncode == -9, proc.stderr
+    assert path.read_bytes() == before and load_checkpoint(path)["epoch"] == 1
+    # SIGKILL leaves the dead process's temp file (nothing can remove it then); it is hidden and never read
+    assert all(p.name == "last.pt" or (p.name.startswith(".last.pt.") and p.name.endswith(".tmp")) for p in tmp_path.iterdir())
+    save_checkpoint(path, {"epoch": 3})
+    assert load_checkpoint(path)["epoch"] == 3
 
 
 def test_crash_mid_write_leaves_previous_file(tmp_path):
