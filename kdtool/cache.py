@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdtool.checkpoints import atomic_write
+from kdtool.checkpoints import WriteError, atomic_write, torch_save
 from kdtool.datasets import Data, TensorSplit, is_augmented, make_loader
 from kdtool.engine import predict
 from kdtool.errors import KdtoolError
@@ -126,9 +126,10 @@ def teacher_logits(teacher: nn.Module, teacher_checkpoint: str | Path, data: Dat
             logits, _ = predict(teacher, loader)
             payload = {"format": FORMAT, "logits": logits.contiguous(), "num_samples": len(data.train)}
             try:
-                atomic_write(path, lambda tmp: torch.save(payload, tmp))
-            except OSError as e:
-                log.warning(f"could not write the teacher cache {path} ({e.strerror or e}); using the logits without keeping them")
+                atomic_write(path, lambda tmp: torch_save(payload, tmp))
+            except (WriteError, OSError) as e:  # a cache that cannot be kept is only a warning
+                reason = e.reason if isinstance(e, WriteError) else e.strerror or e
+                log.warning(f"could not write the teacher cache {path} ({reason}); using the logits without keeping them")
     return TeacherLogits(logits.to(device))
 
 

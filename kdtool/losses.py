@@ -7,6 +7,7 @@ Loss weights (alpha, beta, the conventional 1000 for attention transfer) belong 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +36,15 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _check_attention_p(p: float) -> None:
+    # d/dF |F|^p = p |F|^(p-1) is infinite at F = 0 for p < 1, and ReLU features hold exact zeros: NaN gradients
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and p >= 1):
+        raise ValueError(f"attention p must be a finite number >= 1, got {p}")
+
+
 def _power_map(feature: torch.Tensor, p: float) -> torch.Tensor:
     """Un-normalised attention: mean_c |F_c|^p, shape (N, H, W)."""
+    _check_attention_p(p)
     if feature.dim() != 4:
         raise ValueError(
             f"attention needs a spatial (N, C, H, W) feature map, got shape {tuple(feature.shape)}"
@@ -92,7 +100,8 @@ def feature_mimicry_loss(student_feature: torch.Tensor, teacher_feature: torch.T
 def attention_map(feature: torch.Tensor, p: float = 2) -> torch.Tensor:
     """Spatial attention map (Zagoruyko & Komodakis 2017), shape (N, H*W).
 
-    a = vec(mean_c |F_c|^p) / ||vec(mean_c |F_c|^p)||_2
+    a = vec(mean_c |F_c|^p) / ||vec(mean_c |F_c|^p)||_2, p >= 1 (below 1 the gradient at a ReLU zero is NaN).
+    The paper sums over channels; the mean differs by the factor C, which the normalisation removes.
     """
     return F.normalize(_power_map(feature, p).flatten(1), p=2, dim=1, eps=1e-12)
 
@@ -104,11 +113,21 @@ def attention_transfer_loss(
 ) -> torch.Tensor:
     """Attention transfer loss (Zagoruyko & Komodakis 2017), without the conventional x1000 weight.
 
-    loss = sum_j mean_{n,i} (a_s^j - a_t^j)^2 over pairs j of feature maps, a as in attention_map.
+    loss = sum_j mean_{n,i} (a_s^j - a_t^j)^2 over pairs j of feature maps, a as in attention_map (p >= 1).
+
+    This is the form of the authors' code (github.com/szagoruyko/attention-transfer:
+    at(x) = normalize(x.pow(2).mean(1).view(N, -1)), at_loss = (at(x) - at(y)).pow(2).mean(), summed over
+    groups and multiplied by beta = 1000): the squared distance between the normalised maps, averaged over
+    the N * H * W entries. The paper's equation (2) writes beta/2 * sum_j || a_s^j - a_t^j ||_2 per example,
+    the norm itself, not squared, and says beta is divided by the number of elements in the map and the
+    batch size. kdtool uses only the code form; the paper's unsquared norm is not an option (its gradient
+    is undefined where the maps agree exactly).
+
     When spatial sizes differ, the student's un-normalised map is resized (bilinear,
     align_corners=False) to the teacher's H, W before normalising, so both are unit vectors
     of the same length.
     """
+    _check_attention_p(p)
     student_features, teacher_features = list(student_features), list(teacher_features)
     if not student_features or len(student_features) != len(teacher_features):
         raise ValueError(

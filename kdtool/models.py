@@ -20,7 +20,8 @@ from torch import nn
 from kdtool import cifar_models  # noqa: F401  (registers the CIFAR zoo, cifar_*, in timm)
 from kdtool.errors import KdtoolError
 
-__all__ = ["KdMLP", "KdCNN", "create_model", "check_model_name", "count_parameters"]
+__all__ = ["KdMLP", "KdCNN", "create_model", "rebuild_model", "check_model_name", "check_model_kwargs", "check_spec",
+           "count_parameters"]
 
 
 class KdMLP(nn.Module):
@@ -149,13 +150,85 @@ def kd_cnn(pretrained: bool = False, **kwargs: Any) -> KdCNN:
 OWN_MODELS = ("kd_mlp", "kd_cnn")
 
 
-def check_model_name(name: str) -> None:
-    """Raise a KdtoolError suggesting close timm names when `name` is not a timm model."""
+def check_model_name(name: str, setting: str = "model name") -> None:
+    """Raise a KdtoolError suggesting close timm names when `name` is not a timm model.
+
+    Only names in timm's registry are taken: an 'hf-hub:' or 'local-dir:' name (or a path) would make timm read
+    a config and weights from the hub or a folder, which kdtool does only through pretrained / pretrained_file.
+    """
+    if not isinstance(name, str) or not name:
+        raise KdtoolError(f"{setting}={name!r} must be a timm model name")
+    source, sep, _ = name.partition(":")
+    if sep or any(c in name for c in "/\\"):
+        kind = f"a '{source}:' name" if sep else "a path or hub repo id"
+        raise KdtoolError(
+            f"{setting}={name} is {kind}, which makes timm load files or reach the network; kdtool takes only timm "
+            "registry names and loads pretrained weights only through pretrained=true or pretrained_file=PATH"
+        )
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
     raise KdtoolError(f"unknown model '{name}': {hint}")
+
+
+# What `create_model` records, and so all a checkpoint may say about its model.
+SPEC_KEYS = ("name", "num_classes", "in_chans", "kwargs")
+# Arguments of timm.create_model / build_model_with_cfg that load weights or configs from a file, a URL or the hub
+# (with any other key starting with 'pretrained'): never taken from a config's kwargs or a checkpoint.
+LOADING_KEYS = frozenset({"checkpoint_path", "cache_dir", "feature_cfg", "model_cfg", "kwargs_filter"})
+
+
+def check_model_kwargs(kwargs: Mapping[str, Any], setting: str = "kwargs") -> None:
+    """Refuse kwargs that would make timm load something, or that are not plain values (numbers, strings, bools,
+    lists of those), with a KdtoolError naming `setting`.KEY."""
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise KdtoolError(f"{setting} has a key {key!r} that is not a string")
+        if key in LOADING_KEYS or key.startswith("pretrained"):
+            raise KdtoolError(
+                f"{setting}.{key} is not allowed: it makes timm load weights or configs from a file or the hub; "
+                "kdtool loads pretrained weights only through pretrained=true or pretrained_file=PATH"
+            )
+        if not _plain(value):
+            shown = type(value).__name__ if isinstance(value, (Mapping, torch.Tensor)) else repr(value)[:60]
+            raise KdtoolError(f"{setting}.{key} is a {shown}: model kwargs must be numbers, strings, bools or lists of those")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str))
+
+
+def check_spec(spec: Any, where: str = "the checkpoint") -> None:
+    """Refuse a model spec that holds anything `create_model` does not record, with one line naming `where`.
+
+    A checkpoint is data from whoever wrote it: its spec must not steer timm to read files or reach the hub.
+    """
+    def refuse(why: str) -> KdtoolError:
+        return KdtoolError(f"refusing to build the model in {where}: {why}; only load checkpoints that kdtool wrote")
+
+    if not isinstance(spec, Mapping):
+        raise refuse(f"its model spec is a {type(spec).__name__}, not a mapping")
+    extra = [str(k) for k in spec if k not in SPEC_KEYS]
+    if extra:
+        raise refuse(f"its model spec has the key '{extra[0]}', which kdtool never records (only {', '.join(SPEC_KEYS)})")
+    missing = [k for k in SPEC_KEYS[:3] if k not in spec]
+    if missing:
+        raise refuse(f"its model spec lacks '{missing[0]}'")
+    try:
+        check_model_name(spec["name"], setting="its model name")
+        for key in ("num_classes", "in_chans"):
+            value = spec[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise KdtoolError(f"its {key}={value!r} is not a whole number >= 1")
+        kwargs = spec.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise KdtoolError(f"its model kwargs are a {type(kwargs).__name__}, not a mapping")
+        check_model_kwargs(kwargs, setting="its model kwargs")
+    except KdtoolError as e:
+        raise refuse(str(e)) from None
 
 
 def create_model(
@@ -171,6 +244,7 @@ def create_model(
     """Build a timm model for a data set; return it with the arguments that rebuild it."""
     check_model_name(name)
     args = {k: v for k, v in dict(kwargs or {}).items() if v is not None}
+    check_model_kwargs(args)
     if name in OWN_MODELS:
         args["img_size"] = list(img_size)
     extra: dict[str, Any] = {}
@@ -233,7 +307,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def rebuild_model(spec: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a model (random weights) from the spec `create_model` returned."""
+    """Rebuild a model (random weights) from the spec `create_model` returned; any other spec is refused."""
+    check_spec(spec)
     return timm.create_model(
         spec["name"], pretrained=False, num_classes=spec["num_classes"],
         in_chans=spec["in_chans"], **dict(spec.get("kwargs") or {}),

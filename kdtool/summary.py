@@ -3,7 +3,9 @@
 Reads what every training stage leaves in its run folder (results.json) and what Hydra records there
 (.hydra/overrides.yaml); trains nothing. Runs are ranked and the best is chosen on a validation
 metric only: the test split is reported, never selected on. Runs that differ only by `seed` are
-grouped into mean ± std.
+grouped into mean ± std. Where a run folder holds paired per-image predictions (predictions.json, see
+PREDICTIONS_FORMAT), the distilled student is tested against the student trained alone with the exact
+McNemar test (kdtool.significance) and the verdict is printed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from kdtool.errors import KdtoolError
+from kdtool.significance import mcnemar_exact, mean_std, verdict
 
 DEFAULT_METRIC = "val.acc1"
 SEED_KEYS = ("seed",)
@@ -135,9 +137,67 @@ def _number(text: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _mean_std(values: list[float]) -> dict[str, float | int]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+def _mean_std(values: list[float]) -> dict[str, float | int | None]:
+    """mean, sample std and n; std is None (null in summary.json) for one value: one seed gives no spread."""
+    s = mean_std(values)
+    return {"mean": s.mean, "std": None if math.isnan(s.std) else s.std, "n": s.n}
+
+
+# ---------------------------------------------------------------- paired predictions: is the gain more than noise?
+
+PREDICTIONS = "predictions.json"
+# What `kdtool report` reads to test the distilled student against the student alone on the same images:
+#   {"format": "kdtool-predictions", "format_version": 1, "split": "test", "n": N, "labels": [N ints],
+#    "models": [{"name": "baseline/best.pt", "path": "...", "role": "teacher|baseline|student", "pred": [N ints]}]}
+# (evaluate writes it beside evaluation.json; the roles are the checkpoints' own).
+PREDICTIONS_FORMAT = "kdtool-predictions"
+
+
+def paired_verdicts(roots: Sequence[str | Path], base: Path, alpha: float = 0.05) -> list[dict[str, Any]]:
+    """For every predictions.json under `roots` with one student alone (role baseline) and distilled students:
+    the exact McNemar test of each distilled student against it, and the verdict sentence."""
+    found: dict[Path, Path] = {}
+    for root in (Path(r).resolve() for r in roots):
+        for path in (sorted(root.rglob(PREDICTIONS), key=_natural) if root.is_dir() else []):
+            found.setdefault(path, root)
+    out = []
+    for path, root in found.items():
+        labels, models = _read_predictions(path)
+        alone = [m for m in models if m.get("role") == "baseline"]
+        students = [m for m in models if m.get("role") == "student"]
+        if len(alone) != 1 or not students:
+            continue
+        job = _job_folder(path, root) or path.parent
+        run = str(job.relative_to(base)) if job != base and job.is_relative_to(base) else "."
+        right_alone = [p == y for p, y in zip(alone[0]["pred"], labels)]
+        for s in students:
+            right = [p == y for p, y in zip(s["pred"], labels)]
+            t = mcnemar_exact(right, right_alone)
+            out.append({"run": run, "file": str(path), "distilled": s.get("name"), "alone": alone[0].get("name"),
+                        "n": t.n, "b": t.b, "c": t.c, "errors_distilled": t.errors_a, "errors_alone": t.errors_b,
+                        "gain_points": t.gain_points, "p_value": t.p_value, "alpha": alpha,
+                        "verdict": verdict(right, right_alone, alpha)})
+    return out
+
+
+def _read_predictions(path: Path) -> tuple[list[int], list[dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KdtoolError(f"{path} is not readable JSON ({e}); delete or repair it") from e
+    if not isinstance(data, dict) or data.get("format") != PREDICTIONS_FORMAT:
+        raise KdtoolError(f"{path} is not a kdtool predictions file (no '{PREDICTIONS_FORMAT}' format)")
+    labels, models = data.get("labels"), data.get("models")
+    if not isinstance(labels, list) or not isinstance(models, list):
+        raise KdtoolError(f"{path}: a predictions file needs 'labels' and 'models' lists")
+    for m in models:
+        pred = m.get("pred") if isinstance(m, dict) else None
+        if not isinstance(pred, list) or len(pred) != len(labels):
+            name = m.get("name", "?") if isinstance(m, dict) else "?"
+            count = len(pred) if isinstance(pred, list) else "no"
+            raise KdtoolError(f"{path}: model {name} has {count} predictions for {len(labels)} labels; "
+                              "the file is damaged: run kdtool evaluate again")
+    return labels, models
 
 
 def summarise_runs(runs: list[Run], metric: str = DEFAULT_METRIC, mode: str | None = None,
@@ -254,8 +314,8 @@ def sweep_plots(runs: list[Run], summary: dict[str, Any], folder: Path) -> list[
         by_value: dict[float, list[float]] = {}
         for x, y in points:
             by_value.setdefault(x, []).append(y)
-        groups = [(x, statistics.fmean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0, len(ys))
-                  for x, ys in sorted(by_value.items())]
+        stats = [(x, mean_std(ys)) for x, ys in sorted(by_value.items())]
+        groups = [(x, m.mean, m.std if m.n > 1 else 0.0, m.n) for x, m in stats]  # one point: no error bar
         bx = _number(str(best["overrides"].get(key)))
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
         paths.append(plot_sweep(points, groups, key, metric, folder / f"summary_{safe}.png",
@@ -289,6 +349,11 @@ def markdown(summary: dict[str, Any], base: Path, incomplete: list[str], figures
             config = " ".join(f"{k}={v}" for k, v in g["config"].items()) or "(the one configuration)"
             parts += ["", f"Best configuration on mean {summary['metric']}: {config} "
                       f"({_pm(g['stats'].get(metric), fmt)} over {g['n']} seeds)."]
+    if summary.get("paired"):
+        parts += ["", "## Distilled student against the student alone (same test images)", "",
+                  "Exact McNemar test on the images the two disagree on: b = only the distilled student is right, "
+                  "c = only the student alone is right.", ""]
+        parts += [f"- {v['run']}: {v['verdict']}" for v in summary["paired"]]
     if incomplete:
         parts += ["", f"Jobs without results.json (failed or still running): {', '.join(incomplete)}"]
     if figures:
@@ -297,7 +362,8 @@ def markdown(summary: dict[str, Any], base: Path, incomplete: list[str], figures
 
 
 def report(paths: Sequence[str | Path], metric: str = DEFAULT_METRIC, mode: str | None = None,
-           role: str | None = None, out: str | Path | None = None, plots: bool = True) -> dict[str, Any]:
+           role: str | None = None, out: str | Path | None = None, plots: bool = True,
+           alpha: float = 0.05) -> dict[str, Any]:
     """Summarise the runs under `paths` into `out` (default: the folder given, or the folders' common parent)."""
     from rich.table import Table
 
@@ -306,6 +372,7 @@ def report(paths: Sequence[str | Path], metric: str = DEFAULT_METRIC, mode: str 
 
     runs, incomplete, base = find_runs(paths)
     summary = summarise_runs(runs, metric, mode, role)
+    summary["paired"] = paired_verdicts(paths, base, alpha)
     folder = Path(out) if out else base
     folder.mkdir(parents=True, exist_ok=True)
     figures = sweep_plots(runs, summary, folder) if plots else []
@@ -330,6 +397,8 @@ def report(paths: Sequence[str | Path], metric: str = DEFAULT_METRIC, mode: str 
         c.print(g_table)
     best = summary["best"]
     c.print(f"best run ({metric}): {best['name']}  checkpoint: {best['checkpoint']}")
+    for v in summary["paired"]:
+        c.print(f"{v['run']}: {v['verdict']}")
     if incomplete:
         c.print(f"jobs without results.json (failed or still running): {', '.join(incomplete)}")
     c.print(f"summary written to {folder / 'summary.md'} and summary.json"
@@ -356,9 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None,
                         help="where to write (default: the folder given, or the common parent of several)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG files")
+    parser.add_argument("--alpha", type=float, default=0.05,
+                        help="significance level of the exact McNemar test of distilled against alone (default 0.05)")
     args = parser.parse_args(argv)
     try:
-        report(args.paths, args.metric, args.mode, args.role, args.out, args.plots)
+        if not 0 < args.alpha < 1:
+            raise KdtoolError(f"--alpha {args.alpha} must be between 0 and 1")
+        report(args.paths, args.metric, args.mode, args.role, args.out, args.plots, args.alpha)
     except KdtoolError as e:
         if os.environ.get("KDTOOL_DEBUG") == "1":
             raise

@@ -44,7 +44,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _training(cfg: DictConfig, stage: str) -> None:
     from kdtool.datasets import DATASETS, FILE_DATASETS
-    from kdtool.models import check_model_name
+    from kdtool.models import check_model_kwargs, check_model_name
 
     name = cfg.dataset.get("name")
     if name not in DATASETS and name not in FILE_DATASETS:
@@ -54,7 +54,12 @@ def _training(cfg: DictConfig, stage: str) -> None:
         number(val_size, "dataset.val_size (a count, or a fraction below 1)", 0, strict=True)
     roles = ["teacher"] if stage == "train-teacher" else ["student"] if stage == "distill" else ["teacher", "student"]
     for role in roles:
-        check_model_name(str(cfg[role].name))
+        check_model_name(str(cfg[role].name), setting=f"{role}.name")
+        kwargs = cfg[role].get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise KdtoolError(f"{role}.kwargs={kwargs} must be a mapping of model arguments")
+        plain = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else dict(kwargs)
+        check_model_kwargs({k: v for k, v in plain.items() if v is not None}, setting=f"{role}.kwargs")
     train = cfg.train
     for key in ("epochs", "batch_size", "eval_batch_size"):
         value = train.get(key)

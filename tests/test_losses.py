@@ -196,6 +196,47 @@ def test_attention_transfer_loss_rejects_bad_lengths():
         attention_transfer_loss([], [])
 
 
+def test_attention_p_below_one_is_refused_because_its_gradient_at_a_relu_zero_is_nan():
+    # the premise: d/dx |x|^0.5 = 0.5 |x|^-0.5 is infinite at x = 0, and ReLU features have exact zeros
+    x = torch.zeros(1, requires_grad=True)
+    x.abs().pow(0.5).sum().backward()
+    assert not torch.isfinite(x.grad).all()
+    feature = torch.ones(1, 1, 2, 2)
+    for p in (0.5, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="p must be"):
+            attention_map(feature, p=p)
+        with pytest.raises(ValueError, match="p must be"):
+            attention_transfer_loss([feature], [feature], p=p)
+
+
+@pytest.mark.parametrize("p", [1, 1.5, 2])
+def test_attention_transfer_gradient_is_finite_at_exact_zeros(p):
+    # student (N=1, C=2, 2x2) after a ReLU: exact zeros in both channels, one position zero in both
+    pre = torch.tensor([[[[-1.0, 2.0], [0.0, 3.0]], [[1.0, -2.0], [0.0, 1.0]]]])
+    student = torch.relu(pre).requires_grad_(True)  # a leaf holding exact zeros
+    teacher = torch.tensor([[[[1.0, 1.0], [2.0, 1.0]], [[0.0, 1.0], [1.0, 2.0]]]])
+    loss = attention_transfer_loss([student], [teacher], p=p)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    # by hand: d/dF |F|^p = p |F|^(p-1) sign(F) is 0 at F = 0 for p > 1, and torch takes sign(0) = 0 for p = 1,
+    # so no gradient flows into the zero activations
+    zeros = student.detach() == 0
+    assert zeros.sum() == 4 and torch.equal(student.grad[zeros], torch.zeros(4))
+    assert student.grad[~zeros].abs().sum() > 0
+
+
+def test_attention_transfer_strategy_refuses_p_below_one_in_one_line():
+    from kdtool.errors import KdtoolError
+    from kdtool.strategies import build_strategies
+
+    with pytest.raises(KdtoolError) as info:
+        build_strategies({"attention_transfer": {"p": 0.5}})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("strategies.attention_transfer.p=0.5 must be >= 1"), message
+    for p in (1, 2, 3.0):
+        assert build_strategies({"attention_transfer": {"p": p}})["attention_transfer"].p == p
+
+
 # --- multi-teacher targets ---------------------------------------------------------------------------
 
 

@@ -177,3 +177,46 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/soft_targets", "val/acc1", "schedule/temperature", "schedule/lr"} <= tags
     assert [e.value for e in events.Scalars("val/acc1")] == pytest.approx([91.0, 92.0])
+
+
+def _predictions(path: Path, labels: list[int], preds: dict[str, list[int]]) -> None:
+    """predictions.json as evaluate would write it (the format kdtool.summary reads; see PREDICTIONS_FORMAT)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    models = [{"name": f"{role}/best.pt", "path": f"/runs/x/{role}/best.pt", "role": role, "pred": p}
+              for role, p in preds.items()]
+    path.write_text(json.dumps({"format": "kdtool-predictions", "format_version": 1, "split": "test",
+                                "n": len(labels), "labels": labels, "models": models}))
+
+
+def test_report_prints_the_exact_mcnemar_verdict_for_paired_predictions(tmp_path, capsys):
+    job = tmp_path / "0"
+    _fake_job(job, ["seed=0"], 95.0, 90.0)
+    labels = list(range(10))
+    # the student alone is wrong on images 0-3 (4 errors), the distilled student on image 0 only (1 error):
+    # b (distilled right, alone wrong) = images 1, 2, 3 = 3; c (distilled wrong, alone right) = 0
+    # n = b + c = 3: P(X <= 0) = 1/8, p = 2/8 = 0.25 -> within noise; gain = 100 * (3 - 0) / 10 = +30 points
+    alone = [9, 9, 9, 9, 4, 5, 6, 7, 8, 9]
+    distilled = [9, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    _predictions(job / "evaluate" / "predictions.json", labels,
+                 {"teacher": labels, "baseline": alone, "student": distilled})
+    summary = report([tmp_path], plots=False)
+    (paired,) = summary["paired"]
+    assert (paired["run"], paired["b"], paired["c"], paired["n"]) == ("0", 3, 0, 10)
+    assert paired["p_value"] == pytest.approx(0.25)
+    expected = "the gain of +30.00 points (1 vs 4 errors) is within noise (exact McNemar p=0.25, b=3, c=0)"
+    assert paired["verdict"] == expected
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "within noise (exact McNemar p=0.25" in out
+    assert expected in (tmp_path / "summary.md").read_text()
+    # one run of a configuration: its std is undefined, recorded as null, not 0
+    (group,) = summary["groups"]
+    assert group["n"] == 1 and group["stats"]["val.acc1"]["std"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["groups"][0]["stats"]["val.acc1"]["std"] is None
+
+
+def test_report_refuses_a_predictions_file_whose_lengths_differ(tmp_path):
+    job = tmp_path / "0"
+    _fake_job(job, ["seed=0"], 95.0, 90.0)
+    _predictions(job / "evaluate" / "predictions.json", [0, 1, 2], {"baseline": [0, 1], "student": [0, 1, 2]})
+    with pytest.raises(KdtoolError, match=r"predictions.json: model baseline/best.pt has 2 predictions for 3 labels"):
+        report([tmp_path], plots=False)
