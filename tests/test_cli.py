@@ -438,7 +438,15 @@ def test_pipeline_end_to_end(phase1):
     assert labels == ["teacher", "student alone", "student distilled"]
     alone, distilled = report["models"][1], report["models"][2]
     assert report["gain_acc1"] == pytest.approx(distilled["acc1"] - alone["acc1"])
-    assert ("did NOT help" in report["verdict"]) == (report["gain_acc1"] <= 0), report["verdict"]
+    # the verdict rests on the paired test predictions: b = images only the distilled student gets right
+    preds = json.loads((out / "evaluate" / "predictions.json").read_text())
+    right = [[p == y for p, y in zip(m["pred"], preds["labels"])] for m in preds["models"]]
+    assert [len(preds["labels"]) - sum(r) for r in right] == [m["errors"] for m in report["models"]]
+    b = sum(d and not a for d, a in zip(right[2], right[1]))
+    c = sum(a and not d for d, a in zip(right[2], right[1]))
+    assert (report["mcnemar"]["b"], report["mcnemar"]["c"]) == (b, c)
+    helped = report["gain_acc1"] > 0 and report["mcnemar"]["p_value"] < 0.05
+    assert ("distillation helped" in report["verdict"]) == helped, report["verdict"]
     evaluation = json.loads((out / "evaluate" / "evaluation.json").read_text())
     want = [teacher_pt, out / "distill" / "baseline" / "best.pt", student_pt]
     assert [r["path"] for r in evaluation["models"]] == [str(p) for p in want]

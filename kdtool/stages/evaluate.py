@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,6 +65,12 @@ def evaluate(cfg: DictConfig) -> float:
         for row, speed in zip(rows, speeds):
             row.update(speed)
     del models
+    # paired per-image predictions: kdtool report and the pipeline's verdict test two models on them
+    atomic_write_text(out / "predictions.json", json.dumps({
+        "format": "kdtool-predictions", "format_version": 1, "split": "test", "n": int(labels.numel()),
+        "labels": labels.tolist(),
+        "models": [{"name": r["name"], "path": r["path"], "role": r["role"], "pred": lg.argmax(1).tolist()}
+                   for r, lg in zip(rows, logits)]}) + "\n")
     _add_ensemble_row(rows, logits, labels)
     info = summarise(rows)
     teacher_i = next((i for i, r in enumerate(rows) if r["role"] == "teacher"), None)

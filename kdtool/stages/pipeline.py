@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdtool.significance import mcnemar_exact
+from kdtool.significance import verdict as mcnemar_verdict
 from kdtool.stages.common import output_dir, provenance, write_json
 from kdtool.stages.distill import distill
 from kdtool.stages.evaluate import evaluate
@@ -49,15 +51,14 @@ def pipeline(cfg: DictConfig) -> float:
         r["label"] = label
     alone, distilled = rows[1], rows[2]
     gain = distilled["acc1"] - alone["acc1"]
-    if gain > 0:
-        verdict = (f"distillation helped: the distilled student makes {distilled['errors']} test errors against "
-                   f"{alone['errors']} for the same student trained alone (+{gain:.2f} points)")
-    else:
-        verdict = (f"distillation did NOT help here: the distilled student makes {distilled['errors']} test errors "
-                   f"against {alone['errors']} for the same student trained alone ({gain:+.2f} points)")
+    predictions = json.loads((out / "evaluate" / "predictions.json").read_text())
+    right = [[p == y for p, y in zip(m["pred"], predictions["labels"])] for m in predictions["models"]]
+    test = mcnemar_exact(right[2], right[1])  # distilled against alone, on the same test images
+    verdict = mcnemar_verdict(right[2], right[1], alpha=0.05)
     if cfg.get("limit_train_batches") or cfg.get("limit_eval_batches"):
         verdict = f"(a limited run, e.g. debug=smoke: these numbers say nothing about distillation) {verdict}"
     write_json(out / "pipeline.json", {"models": rows, "gain_acc1": gain, "verdict": verdict,
+                                       "mcnemar": {"b": test.b, "c": test.c, "n": test.n, "p_value": test.p_value},
                                        "provenance": provenance(cfg, None, None)})
     print_pipeline(rows, verdict)
     return val_acc1  # a sweep over pipelines selects on validation, never on test
