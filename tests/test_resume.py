@@ -81,7 +81,7 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
 
 def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path):
     # a schedule stepped every optimizer step: the resumed run must continue it from the very step it stopped at
-    args = ["train-teacher", *BIG_FAKE, *SMALL_TEACHER, "train.epochs=3", "+dataset.augment.crop_padding=2",
+    args = ["train-teacher", *BIG_FAKE, *SMALL_TEACHER, "train.epochs=3", "train.batch_size=128", "+dataset.augment.crop_padding=2",
             "scheduler=warmup_cosine", "scheduler.warmup_epochs=1.5"]
     reference = start([*args, "hydra.run.dir=uninterrupted"], tmp_path)
     proc = start([*args, "hydra.run.dir=interrupted"], tmp_path)

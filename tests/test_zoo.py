@@ -165,7 +165,7 @@ def test_forward_head_features_and_feature_info(name):
 
 def test_feature_stages_are_repdistillers_taps():
     """kdtool's strategies tap feature_info by index: the residual stages, as RepDistiller's feat[1:-1]."""
-    from kdtool.tasks import feature_stage_names
+    from kdtool.features import feature_stage_names
 
     stages = {name: feature_stage_names(timm.create_model(name)) for name in
               ("cifar_resnet8x4", "cifar_wrn_40_2", "cifar_vgg8", "cifar_mobilenetv2_050", "cifar_shufflenetv2")}
