@@ -74,6 +74,8 @@ def _training(cfg: DictConfig, stage: str) -> None:
     _positive(train, "weight_decay", prefix="train.")
     if number(train.get("label_smoothing", 0.0), "train.label_smoothing", 0) >= 1:
         raise KdtoolError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+    if train.get("select_on", "acc1") not in ("acc1", "loss"):
+        raise KdtoolError(f"train.select_on={train.select_on} must be acc1 (validation accuracy) or loss (validation loss)")
     if train.get("precision", "fp32") not in PRECISIONS:
         raise KdtoolError(f"train.precision={train.precision} must be one of {', '.join(PRECISIONS)}")
     from kdtool.engine import resolve_device
