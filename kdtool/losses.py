@@ -185,6 +185,8 @@ def multi_teacher_targets(
 # Logit, relational and embedding losses (issue 14, part A): DKD, DIST, logit standardization, NKD, RKD, PKT, SP,
 # CC, NST, ICKD, VID and CRD's NCE. Logits are (N, K), feature maps (N, C, H, W), embeddings (N, D). Where an
 # author's code departs from the paper, the paper's form is the default and the code's is an option (`form`).
+# Teacher tensors are detached as above, except where the teacher side comes through trainable heads (CC's code
+# form, CRD's scores): there the caller passes the frozen teacher's features in detached.
 # ================================================================================================================
 
 __all__ += [
@@ -254,9 +256,9 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
     TCKD = KL(b_t || b_s), b = [p_target, 1 - p_target] (the binary target / non-target split);
     NCKD = KL(p^_t || p^_s), p^ = softmax over the non-target classes alone (p_i / (1 - p_target)).
-    Probabilities are softmax(z / T). The T^2 factor is the authors' code's (mdistiller), as in soft targets;
-    the paper writes the decomposition KD = TCKD + (1 - p_target) NCKD, which alpha = 1, beta = 1 - p_target
-    would recover. The warm-up that scales the term in the first epochs is the strategy's.
+    Probabilities are softmax(z / T). The T^2 factor is the authors' code's (mdistiller), as in soft targets.
+    The paper's decomposition KD = TCKD + (1 - q_target) NCKD (q the teacher's) is alpha = 1, beta = 1 - q_target.
+    The warm-up that scales the term in the first epochs is the strategy's.
     """
     _check_temperature(temperature)
     _check_same_shape("dkd_loss", student_logits, teacher_logits)

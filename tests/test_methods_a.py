@@ -473,3 +473,19 @@ def test_default_pairs_sp_and_ickd_take_the_last_map_nst_every_map():
         assert built[name].student_taps == taps and built[name].teacher_taps == taps
     assert built["nst"].weight == 50.0
     assert build_strategies({"sp": {}})["sp"].weight == 3000.0 and build_strategies({"pkt": {}})["pkt"].weight == 470.0
+
+
+@pytest.mark.parametrize("name", ["rkd", "pkt", "cc", "sp", "nst"])
+def test_relational_terms_are_computed_in_float32_under_autocast(name):
+    """Pairwise distances and Gram matrices in bf16 would lose most of their digits: the terms leave autocast."""
+    built, s, t = set_up({name: {}})
+    strategy = built[name]
+    torch.manual_seed(4)
+    feats = {"head:input": (torch.rand(8, 12), torch.rand(8, 32)), "stages.1": (torch.rand(8, 6, 4, 4), torch.rand(8, 16, 4, 4)),
+             "stages.0": (torch.rand(8, 4, 8, 8), torch.rand(8, 8, 8, 8))}
+    out = StepOutputs(torch.zeros(8, 10), torch.zeros(8, 10), torch.zeros(8, dtype=torch.long), 4.0,
+                      {n: feats[n][0] for n in strategy.student_taps}, {n: feats[n][1] for n in strategy.teacher_taps})
+    exact = strategy(out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = strategy(out)
+    assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(exact.item(), rel=1e-6)

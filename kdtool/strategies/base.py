@@ -43,7 +43,7 @@ class StepOutputs:
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None
     labels: torch.Tensor
-    temperature: float
+    temperature: float | torch.Tensor  # a tensor when learned (CTKD)
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_probs: torch.Tensor | None = None  # set when several teachers are combined

@@ -9,7 +9,7 @@ from torch import nn
 from kdtool.errors import KdtoolError, number
 from kdtool.losses import cc_loss
 from kdtool.strategies.base import StepOutputs, Strategy, register_strategy
-from kdtool.strategies.taps import Embed, choice, embedding_taps, zero_term
+from kdtool.strategies.taps import Embed, choice, embedding_taps, full_precision, zero_term
 
 
 @register_strategy("cc")
@@ -51,5 +51,8 @@ class CC(Strategy):
         if s.shape[0] < 2:
             return zero_term(s)
         if self.form == "code":
-            return cc_loss(self.embed_s(s), self.embed_t(t), form="code")
-        return cc_loss(s, t, self.gamma, self.order, self.kernel)
+            s, t = self.embed_s(s), self.embed_t(t)
+        with full_precision(s):
+            if self.form == "code":
+                return cc_loss(s.float(), t.float(), form="code")
+            return cc_loss(s, t, self.gamma, self.order, self.kernel)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kdtool.errors import KdtoolError, number
 from kdtool.losses import crd_nce_loss
 from kdtool.strategies.base import StepOutputs, Strategy, register_strategy
-from kdtool.strategies.taps import Embed, choice, embedding_taps
+from kdtool.strategies.taps import Embed, choice, embedding_taps, full_precision
 
 log = logging.getLogger("kdtool")
 
@@ -129,15 +129,18 @@ class CRD(Strategy):
         v_s = self.embed_s(out.student_features[self.student_taps[0]].float())
         v_t = self.embed_t(out.teacher_features[self.teacher_taps[0]].float())
         contrast = torch.cat([idx.unsqueeze(1), self._negatives(idx)], dim=1)  # column 0: the positive
-        # the teacher's embedding against the student's bank, and the student's against the teacher's
-        scores_t = torch.exp(torch.bmm(self.memory_s[contrast], v_t.unsqueeze(2)).squeeze(2) / self.nce_t)
-        scores_s = torch.exp(torch.bmm(self.memory_t[contrast], v_s.unsqueeze(2)).squeeze(2) / self.nce_t)
-        with torch.no_grad():  # Z = mean score x N, fixed at the first step (a tensor op: no device sync)
-            first = torch.stack([scores_s.mean(), scores_t.mean()]) * self.num_data
-            self.z.copy_(torch.where(self.z < 0, first, self.z))
-        loss = crd_nce_loss(scores_s / self.z[0], self.num_data) + crd_nce_loss(scores_t / self.z[1], self.num_data)
-        with torch.no_grad():
-            for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                rows = memory[idx] * self.momentum + v.detach() * (1 - self.momentum)
-                memory[idx] = F.normalize(rows, p=2, dim=1)
+        with full_precision(v_s):  # exp(score / 0.07) in bf16 would keep about two digits
+            v_s, v_t = v_s.float(), v_t.float()
+            # the teacher's embedding against the student's bank, and the student's against the teacher's
+            scores_t = torch.exp(torch.bmm(self.memory_s[contrast], v_t.unsqueeze(2)).squeeze(2) / self.nce_t)
+            scores_s = torch.exp(torch.bmm(self.memory_t[contrast], v_s.unsqueeze(2)).squeeze(2) / self.nce_t)
+            with torch.no_grad():  # Z = mean score x N, fixed at the first step (a tensor op: no device sync)
+                first = torch.stack([scores_s.mean(), scores_t.mean()]) * self.num_data
+                self.z.copy_(torch.where(self.z < 0, first, self.z))
+            loss = (crd_nce_loss(scores_s / self.z[0], self.num_data)
+                    + crd_nce_loss(scores_t / self.z[1], self.num_data))
+            with torch.no_grad():
+                for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+                    rows = memory[idx] * self.momentum + v.detach() * (1 - self.momentum)
+                    memory[idx] = F.normalize(rows, p=2, dim=1)
         return loss

@@ -8,7 +8,7 @@ from torch import nn
 
 from kdtool.losses import ickd_loss
 from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy
-from kdtool.strategies.taps import choice, map_pairs
+from kdtool.strategies.taps import choice, full_precision, map_pairs
 
 
 @register_strategy("ickd")
@@ -43,5 +43,7 @@ class ICKD(Strategy):
         self.student_taps, self.teacher_taps = s_names, t_names
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        return sum(ickd_loss(adaptor(out.student_features[s]).float(), out.teacher_features[t].float(), self.form)
-                   for s, t, adaptor in zip(self.student_taps, self.teacher_taps, self.adaptors))
+        adapted = [adaptor(out.student_features[s]) for s, adaptor in zip(self.student_taps, self.adaptors)]
+        with full_precision(out.student_logits):
+            return sum(ickd_loss(a.float(), out.teacher_features[t].float(), self.form)
+                       for a, t in zip(adapted, self.teacher_taps))

@@ -7,7 +7,7 @@ import torch
 
 from kdtool.losses import nst_loss
 from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy
-from kdtool.strategies.taps import map_pairs
+from kdtool.strategies.taps import full_precision, map_pairs
 
 
 @register_strategy("nst")
@@ -30,5 +30,6 @@ class NST(Strategy):
                                                                self.pair_specs, default="all")
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        return sum(nst_loss(out.student_features[s].float(), out.teacher_features[t].float())
-                   for s, t in zip(self.student_taps, self.teacher_taps))
+        with full_precision(out.student_logits):
+            return sum(nst_loss(out.student_features[s].float(), out.teacher_features[t].float())
+                       for s, t in zip(self.student_taps, self.teacher_taps))

@@ -7,7 +7,7 @@ import torch
 
 from kdtool.losses import pkt_loss
 from kdtool.strategies.base import StepOutputs, Strategy, register_strategy
-from kdtool.strategies.taps import choice, embedding_taps, zero_term
+from kdtool.strategies.taps import choice, embedding_taps, full_precision, zero_term
 
 
 @register_strategy("pkt")
@@ -36,4 +36,5 @@ class PKT(Strategy):
         t = out.teacher_features[self.teacher_taps[0]].float()
         if s.shape[0] < 2:
             return zero_term(s)
-        return pkt_loss(s, t, self.form)
+        with full_precision(s):
+            return pkt_loss(s, t, self.form)

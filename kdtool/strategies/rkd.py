@@ -7,7 +7,7 @@ import torch
 from kdtool.errors import number
 from kdtool.losses import rkd_loss
 from kdtool.strategies.base import StepOutputs, Strategy, register_strategy
-from kdtool.strategies.taps import choice, embedding_taps, zero_term
+from kdtool.strategies.taps import choice, embedding_taps, full_precision, zero_term
 
 
 @register_strategy("rkd")
@@ -36,4 +36,5 @@ class RKD(Strategy):
         t = out.teacher_features[self.teacher_taps[0]].float()
         if s.shape[0] < 3:
             return zero_term(s)
-        return rkd_loss(s, t, self.distance_weight, self.angle_weight, self.form)
+        with full_precision(s):
+            return rkd_loss(s, t, self.distance_weight, self.angle_weight, self.form)

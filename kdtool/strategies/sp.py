@@ -8,7 +8,7 @@ import torch
 from kdtool.errors import KdtoolError
 from kdtool.losses import sp_loss
 from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy
-from kdtool.strategies.taps import map_pairs
+from kdtool.strategies.taps import full_precision, map_pairs
 
 
 @register_strategy("sp")
@@ -34,5 +34,6 @@ class SP(Strategy):
                                                                self.pair_specs, default="last")
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
-        return sum(sp_loss(out.student_features[s].float(), out.teacher_features[t].float(), self.row_norm)
-                   for s, t in zip(self.student_taps, self.teacher_taps))
+        with full_precision(out.student_logits):
+            return sum(sp_loss(out.student_features[s].float(), out.teacher_features[t].float(), self.row_norm)
+                       for s, t in zip(self.student_taps, self.teacher_taps))

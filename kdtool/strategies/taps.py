@@ -123,3 +123,8 @@ def refuse_ensemble(name: str, strategies: Any) -> None:
     if "multi_teacher" in strategies:
         raise KdtoolError(f"{name} needs one teacher's logits, but multi_teacher combines several teachers' "
                           f"probabilities (only soft_targets uses them); use {name} or multi_teacher")
+
+
+def full_precision(like: torch.Tensor):
+    """A context without autocast: pairwise distances and Gram matrices lose too much in bf16 / fp16."""
+    return torch.autocast(device_type=like.device.type, enabled=False)

@@ -12,7 +12,7 @@ from torch import nn
 from kdtool.errors import number
 from kdtool.losses import vid_loss
 from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy
-from kdtool.strategies.taps import map_pairs
+from kdtool.strategies.taps import full_precision, map_pairs
 
 
 class VariationalHead(nn.Module):
@@ -71,6 +71,8 @@ class VID(Strategy):
             if s.shape[-2:] != t.shape[-2:]:
                 size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
                 s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
-            term = vid_loss(head.mean(s).float(), t.float(), head.variance())
+            mean = head.mean(s)
+            with full_precision(mean):
+                term = vid_loss(mean.float(), t.float(), head.variance())
             total = term if total is None else total + term
         return total
