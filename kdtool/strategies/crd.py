@@ -41,7 +41,7 @@ class CRD(Strategy):
     code). `negatives`: uniform over the training split (the paper's noise distribution, 1/N) or
     other_classes (the authors' CIFAR sampler: only images of other classes).
 
-    Memory: the banks take 2 x N x feat_dim x 4 bytes (N training images: 46 MiB for 45,000 images at
+    Memory: the banks take 2 x N x feat_dim x 4 bytes (N training images: 44 MiB for 45,000 images at
     feat_dim 128) on the training device and in every checkpoint (they are state, so a resumed run continues
     exactly); each step gathers 2 x batch x (nce_k + 1) x feat_dim x 4 bytes (1 GiB at batch 64 and the
     paper's nce_k 16384, feat_dim 128): lower nce_k where that does not fit. Both are logged at set-up.
