@@ -33,22 +33,41 @@ def describe_stages(net: nn.Module) -> str:
     return ", ".join(f"{i}={n}" for i, n in enumerate(feature_stage_names(net)))
 
 
+INPUT = ":input"  # a tap named '<module>:input' keeps what the module receives instead of what it returns
+
+
+def pre_logits_tap(net: nn.Module) -> str | None:
+    """The tap of the pooled pre-logits, '<classifier>:input', or None when the network has no classifier module.
+
+    The input of timm's get_classifier() module is what forward_head(pre_logits=True) returns (pooled,
+    flattened, after any head norm and dropout), so the embedding comes from the ordinary forward pass.
+    """
+    get = getattr(net, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
+        return None
+    name = next((n for n, m in net.named_modules() if m is head and n), None)
+    return None if name is None else name + INPUT
+
+
 class FeatureTaps:
-    """Forward hooks that keep the outputs of named modules of a network during a forward pass."""
+    """Forward hooks that keep the outputs (or, for '<module>:input', the inputs) of named modules of a network."""
 
     def __init__(self, net: nn.Module, names: list[str]):
         modules = dict(net.named_modules())
-        missing = [n for n in names if n not in modules]
+        missing = [n for n in names if n.removesuffix(INPUT) not in modules]
         if missing:
             raise KdtoolError(
                 f"no module named {', '.join(missing)} in {type(net).__name__}; taps can be: {describe_stages(net)}"
             )
         self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in dict.fromkeys(names)]
+        self.handles = [modules[n.removesuffix(INPUT)].register_forward_hook(self._keep(n, n.endswith(INPUT)))
+                        for n in dict.fromkeys(names)]
 
-    def _keep(self, name: str):
-        def hook(_module, _inputs, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+    def _keep(self, name: str, keep_input: bool = False):
+        def hook(_module, inputs, output):
+            kept = inputs if keep_input else output
+            self.outputs[name] = kept[0] if isinstance(kept, (tuple, list)) else kept
 
         return hook
 

@@ -31,7 +31,9 @@ def _check_same_shape(what: str, student: torch.Tensor, teacher: torch.Tensor) -
         )
 
 
-def _check_temperature(temperature: float) -> None:
+def _check_temperature(temperature: float | torch.Tensor) -> None:
+    if isinstance(temperature, torch.Tensor):  # a learned temperature (CTKD): > 1 by construction, and a check
+        return  # here would wait for the device every step
     if not temperature > 0:  # also rejects NaN
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -177,3 +179,358 @@ def multi_teacher_targets(
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
     w = w / w.sum()
     return torch.tensordot(w, probs, dims=1)
+
+
+# ================================================================================================================
+# Logit, relational and embedding losses (issue 14, part A): DKD, DIST, logit standardization, NKD, RKD, PKT, SP,
+# CC, NST, ICKD, VID and CRD's NCE. Logits are (N, K), feature maps (N, C, H, W), embeddings (N, D). Where an
+# author's code departs from the paper, the paper's form is the default and the code's is an option (`form`).
+# Teacher tensors are detached as above, except where the teacher side comes through trainable heads (CC's code
+# form, CRD's scores): there the caller passes the frozen teacher's features in detached.
+# ================================================================================================================
+
+__all__ += [
+    "cc_loss",
+    "crd_nce_loss",
+    "dist_loss",
+    "dkd_loss",
+    "ickd_loss",
+    "nkd_loss",
+    "nst_loss",
+    "pkt_loss",
+    "rkd_loss",
+    "sp_loss",
+    "standardize_logits",
+    "vid_loss",
+]
+
+
+def _check_form(form: str, what: str, forms: tuple[str, ...] = ("paper", "code")) -> None:
+    if form not in forms:
+        raise ValueError(f"{what}: form must be one of {', '.join(forms)}, got {form!r}")
+
+
+def _check_batch(what: str, student: torch.Tensor, teacher: torch.Tensor, dims: int | None = None) -> None:
+    # relational losses compare N x N (or C x C) structures: the batch must match, the widths need not
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{what}: student batch {student.shape[0]} != teacher batch {teacher.shape[0]}")
+    if dims is not None and (student.dim() != dims or teacher.dim() != dims):
+        raise ValueError(f"{what}: needs {dims}-d tensors, got student {tuple(student.shape)} and teacher "
+                         f"{tuple(teacher.shape)}")
+
+
+def standardize_logits(logits: torch.Tensor, unbiased: bool = False, eps: float = 1e-7) -> torch.Tensor:
+    """Z-scored logits (Sun et al. 2024, logit standardization): (z - mean(z)) / std(z) over the classes.
+
+    The paper's std is the population one, sqrt(1/K sum_k (z_k - mean)^2); the authors' code uses torch.std
+    (Bessel's 1/(K - 1)) and divides by eps + std: `unbiased=True` gives that form. eps keeps a row of equal
+    logits finite. The temperature is applied afterwards by the loss, as the paper's base temperature.
+    """
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True, correction=1 if unbiased else 0)
+    return (logits - mean) / (std + eps)
+
+
+def _log_target_split(logits: torch.Tensor, labels: torch.Tensor, temperature) -> tuple[torch.Tensor, ...]:
+    """log p_t, log(1 - p_t) and the log-softmax over the non-target classes, all at temperature T."""
+    z = logits / temperature
+    n, k = z.shape
+    target = F.one_hot(labels, k).bool()
+    log_all = torch.logsumexp(z, dim=-1)
+    z_non = z[~target].view(n, k - 1)
+    log_non = torch.logsumexp(z_non, dim=-1)
+    log_pt = z[target] - log_all
+    log_not_t = log_non - log_all
+    return log_pt, log_not_t, z_non - log_non.unsqueeze(-1)
+
+
+def _check_labels(what: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"{what}: needs (N, K >= 2) logits and (N,) integer labels, got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             alpha: float, beta: float, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Decoupled knowledge distillation (Zhao et al. 2022): T^2 * (alpha * TCKD + beta * NCKD), mean over the batch.
+
+    TCKD = KL(b_t || b_s), b = [p_target, 1 - p_target] (the binary target / non-target split);
+    NCKD = KL(p^_t || p^_s), p^ = softmax over the non-target classes alone (p_i / (1 - p_target)).
+    Probabilities are softmax(z / T). The T^2 factor is the authors' code's (mdistiller), as in soft targets.
+    The paper's decomposition KD = TCKD + (1 - q_target) NCKD (q the teacher's) is alpha = 1, beta = 1 - q_target.
+    The warm-up that scales the term in the first epochs is the strategy's.
+    """
+    _check_temperature(temperature)
+    _check_same_shape("dkd_loss", student_logits, teacher_logits)
+    _check_labels("dkd_loss", student_logits, labels)
+    s_pt, s_not, s_non = _log_target_split(student_logits, labels, temperature)
+    t_pt, t_not, t_non = _log_target_split(teacher_logits.detach(), labels, temperature)
+    tckd = t_pt.exp() * (t_pt - s_pt) + t_not.exp() * (t_not - s_not)
+    nckd = (t_non.exp() * (t_non - s_non)).sum(dim=-1)
+    return (alpha * tckd + beta * nckd).mean() * temperature * temperature
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of the rows of a and b (the cosine of the centred rows, eps in the denominator)."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, gamma: float,
+              temperature: float | torch.Tensor) -> torch.Tensor:
+    """DIST (Huang et al. 2022): T^2 * (beta * L_inter + gamma * L_intra) on Y = softmax(z / T).
+
+    L_inter = 1 - mean over samples i of Pearson(Y_s[i, :], Y_t[i, :])   (each sample's class ranking);
+    L_intra = 1 - mean over classes j of Pearson(Y_s[:, j], Y_t[:, j])   (each class across the batch).
+    The paper and the authors' code agree (the code adds 1e-8 to the correlation's denominator, as here).
+    """
+    _check_temperature(temperature)
+    _check_same_shape("dist_loss", student_logits, teacher_logits)
+    y_s = F.softmax(student_logits / temperature, dim=-1)
+    y_t = F.softmax(teacher_logits.detach() / temperature, dim=-1)
+    inter = 1 - _pearson(y_s, y_t).mean()
+    intra = 1 - _pearson(y_s.t(), y_t.t()).mean()
+    return (beta * inter + gamma * intra) * temperature * temperature
+
+
+def nkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, gamma: float,
+             temperature: float | torch.Tensor) -> torch.Tensor:
+    """Normalized KD (Yang et al. 2023): -T_t log S_t - gamma * T^2 * sum_{i != t} N(T_i^T) log N(S_i^T).
+
+    T_t, S_t: the teacher's and student's target-class probabilities at temperature 1 (T_t is a weight, not
+    a target for a gradient); N(x^T): the non-target probabilities at temperature T normalised to sum to 1,
+    which is the softmax over the non-target logits. Mean over the batch; paper and authors' code agree.
+    """
+    _check_temperature(temperature)
+    _check_same_shape("nkd_loss", student_logits, teacher_logits)
+    _check_labels("nkd_loss", student_logits, labels)
+    teacher_logits = teacher_logits.detach()
+    s_pt, _, _ = _log_target_split(student_logits, labels, 1.0)
+    t_pt, _, _ = _log_target_split(teacher_logits, labels, 1.0)
+    _, _, s_non = _log_target_split(student_logits, labels, temperature)
+    _, _, t_non = _log_target_split(teacher_logits, labels, temperature)
+    target = -(t_pt.exp() * s_pt)
+    non_target = -(t_non.exp() * s_non).sum(dim=-1)
+    return (target + gamma * temperature * temperature * non_target).mean()
+
+
+def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of e, (N, N); clamped before the root so equal rows keep a gradient."""
+    sq = e.pow(2).sum(dim=1)
+    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=1e-12)
+    return d2.sqrt() * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at e_j between e_i and e_k, as a (j, i, k) tensor (zero where i = j or k = j)."""
+    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2, eps=1e-12)  # [j, i] = unit(e_i - e_j)
+    return diff @ diff.transpose(1, 2)
+
+
+def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, distance_weight: float, angle_weight: float,
+             form: str = "paper") -> torch.Tensor:
+    """Relational KD (Park et al. 2019): distance_weight * L_RKD-D + angle_weight * L_RKD-A on (N, D) embeddings.
+
+    L_RKD-D: Huber loss (delta 1) between psi_D = ||x_i - x_j|| / mu of teacher and student, mu the mean
+    distance of the batch's distinct pairs (each network its own mu). L_RKD-A: Huber loss between
+    psi_A = cos of the angle at x_j in the triangle (x_i, x_j, x_k). The paper sums both over its sets of
+    distinct pairs and distinct triples; kdtool takes the mean over those sets, so the weights (the paper's
+    25 and 50) do not depend on the batch size. `form="code"`: the authors' code's mean over all N^2 pairs and
+    N^3 triples, the degenerate ones (i = j, i = k, ...) included with a loss of 0, which scales the terms by
+    (N - 1) / N and (N - 1)(N - 2) / N^2.
+    """
+    _check_form(form, "rkd_loss")
+    _check_batch("rkd_loss", student_emb, teacher_emb, dims=2)
+    n = student_emb.shape[0]
+    if n < 3:
+        raise ValueError(f"rkd_loss needs at least 3 samples (a triangle for the angle), got {n}")
+    teacher_emb = teacher_emb.detach()
+    total = student_emb.new_zeros(())
+    if distance_weight:
+        off = ~torch.eye(n, dtype=torch.bool, device=student_emb.device)
+        d_s, d_t = _pairwise_distances(student_emb), _pairwise_distances(teacher_emb)
+        d_s, d_t = d_s / d_s[off].mean(), d_t / d_t[off].mean()
+        if form == "paper":
+            term = F.smooth_l1_loss(d_s[off], d_t[off])
+        else:
+            term = F.smooth_l1_loss(d_s, d_t)
+        total = total + distance_weight * term
+    if angle_weight:
+        a_s, a_t = _angles(student_emb), _angles(teacher_emb)
+        if form == "paper":
+            idx = torch.arange(n, device=student_emb.device)
+            j, i, k = idx.view(n, 1, 1), idx.view(1, n, 1), idx.view(1, 1, n)
+            distinct = (i != j) & (k != j) & (i != k)
+            term = F.smooth_l1_loss(a_s[distinct], a_t[distinct])
+        else:
+            term = F.smooth_l1_loss(a_s, a_t)
+        total = total + angle_weight * term
+    return total
+
+
+def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, form: str = "paper",
+             eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018) on (N, D) embeddings.
+
+    K(a, b) = (cos(a, b) + 1) / 2; p_{j|i} = K(x_i, x_j) / sum_{k != i} K(x_i, x_k); loss = KL(P_t || P_s) over
+    the conditional distributions, sum_{j != i} p^t_{j|i} log(p^t_{j|i} / p^s_{j|i}). The paper sums it over
+    the anchors i; kdtool takes the mean over them (the weight does not depend on the batch size).
+    `form="code"`: the authors' code, which keeps i = j in each row (K = 1 there) and averages
+    p^t log(p^t / p^s) over all N^2 entries, i.e. about 1/N of the paper's form (RepDistiller's weight 30000 is
+    for it). eps (1e-7, the code's) sits inside the logarithm in both forms.
+    """
+    _check_form(form, "pkt_loss")
+    _check_batch("pkt_loss", student_emb, teacher_emb, dims=2)
+    n = student_emb.shape[0]
+
+    def conditional(e: torch.Tensor) -> torch.Tensor:
+        e = e / (e.norm(dim=1, keepdim=True) + eps)
+        k = (e @ e.t() + 1) / 2
+        if form == "paper":
+            k = k * (1 - torch.eye(n, device=e.device, dtype=e.dtype))
+        return k / k.sum(dim=1, keepdim=True)
+
+    p_s, p_t = conditional(student_emb), conditional(teacher_emb.detach())
+    terms = p_t * torch.log((p_t + eps) / (p_s + eps))
+    return terms.sum(dim=1).mean() if form == "paper" else terms.mean()
+
+
+def sp_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, row_norm: int = 2) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019): ||G~_t - G~_s||_F^2 / N^2.
+
+    G = Q Q^T with Q the (N, C*H*W) flattened features (any per-sample shape), G~ = G with each row divided
+    by its L2 norm (the paper's, and RepDistiller's). `row_norm=1`: torchdistill's SPKDLoss, whose
+    normalize(G, 1) divides each row by its L1 norm instead (its second positional argument is p).
+    """
+    if row_norm not in (1, 2):
+        raise ValueError(f"sp_loss: row_norm must be 2 (the paper) or 1 (torchdistill), got {row_norm!r}")
+    _check_batch("sp_loss", student_feat, teacher_feat)
+    n = student_feat.shape[0]
+
+    def similarity(f: torch.Tensor) -> torch.Tensor:
+        q = f.flatten(1)
+        return F.normalize(q @ q.t(), p=row_norm, dim=1)
+
+    diff = similarity(teacher_feat.detach()) - similarity(student_feat)
+    return diff.pow(2).sum() / (n * n)
+
+
+def cc_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, gamma: float = 0.4, order: int = 2,
+            kernel: str = "gaussian", form: str = "paper") -> torch.Tensor:
+    """Correlation congruence (Peng et al. 2019): ||C_t - C_s||_F^2 / N^2 on (N, D) embeddings.
+
+    C_ij = k(f_i, f_j) on L2-normalised embeddings: kernel "gaussian" is the paper's Taylor expansion of
+    exp(-gamma ||f_i - f_j||^2) = exp(-2 gamma) exp(2 gamma f_i.f_j) to `order` P:
+    exp(-2 gamma) sum_{p=0..P} (2 gamma)^p / p! (f_i.f_j)^p (the expansion assumes unit-norm features, hence
+    the normalisation); "bilinear" is f_i.f_j. Student and teacher widths may differ.
+    `form="code"`: the code the authors shared with RepDistiller (its `Correlation`), a different quantity:
+    mean over i of sum_d |f_s - f_t|_{i,d} * |f_s - f_t|_{i+1,d} (consecutive samples); it needs equal widths,
+    and its teacher side is not detached, because there both sides come through trainable embedding heads
+    (the teacher network itself stays frozen: its features reach the head detached).
+    (torchdistill's CCKDLoss uses the unsquared norm; not offered.)
+    """
+    _check_form(form, "cc_loss")
+    _check_batch("cc_loss", student_emb, teacher_emb, dims=2)
+    if form == "code":
+        _check_same_shape("cc_loss (code form)", student_emb, teacher_emb)
+        delta = (student_emb - teacher_emb).abs()
+        return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+    teacher_emb = teacher_emb.detach()
+    if kernel not in ("gaussian", "bilinear"):
+        raise ValueError(f"cc_loss: kernel must be gaussian or bilinear, got {kernel!r}")
+    n = student_emb.shape[0]
+
+    def correlation(e: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(e, p=2, dim=1)
+        sim = e @ e.t()
+        if kernel == "bilinear":
+            return sim
+        return math.exp(-2 * gamma) * sum((2 * gamma) ** p / math.factorial(p) * sim.pow(p)
+                                          for p in range(order + 1))
+
+    return (correlation(teacher_emb) - correlation(student_emb)).pow(2).sum() / (n * n)
+
+
+def _same_spatial_size(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The larger of two maps average-pooled to the smaller's H x W (RepDistiller's NST and VID do so)."""
+    s_hw, t_hw = student_feat.shape[-2:], teacher_feat.shape[-2:]
+    if s_hw == t_hw:
+        return student_feat, teacher_feat
+    size = (min(s_hw[0], t_hw[0]), min(s_hw[1], t_hw[1]))
+    return F.adaptive_avg_pool2d(student_feat, size), F.adaptive_avg_pool2d(teacher_feat, size)
+
+
+def nst_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Neuron selectivity transfer (Huang & Wang 2017): squared MMD between the two networks' channels.
+
+    Each channel's map is flattened over H*W and L2-normalised, f^i; with the paper's polynomial kernel
+    k(x, y) = (x.y)^2 (d = 2, c = 0), per sample
+    MMD^2 = mean_{i,i'} k(t^i, t^i') + mean_{j,j'} k(s^j, s^j') - 2 mean_{i,j} k(s^j, t^i),
+    averaged over the batch. Channel counts may differ; maps of different size are average-pooled to the
+    smaller one (the paper assumes equal sizes; RepDistiller pools so).
+    """
+    _check_batch("nst_loss", student_feat, teacher_feat, dims=4)
+    s, t = _same_spatial_size(student_feat, teacher_feat.detach())
+    s = F.normalize(s.flatten(2), p=2, dim=2)
+    t = F.normalize(t.flatten(2), p=2, dim=2)
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b.transpose(1, 2)).pow(2).mean(dim=(1, 2))
+
+    return (k(t, t) + k(s, s) - 2 * k(s, t)).mean()
+
+
+def ickd_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, form: str = "paper") -> torch.Tensor:
+    """Inter-channel correlation KD (Liu et al. 2021) on maps with the same channel count C.
+
+    G = F F^T, the C x C inner products of each sample's channels flattened over H*W (the sizes may differ);
+    the paper's loss is 1/C^2 sum_{m,n} (G_t - G_s)_{mn}^2, averaged over the batch. The student's adaptor
+    (the paper's 1x1 conv) is the strategy's. `form="code"`: the authors' code L2-normalises each row of G
+    and divides the batch's summed squares by C * N (not C^2 * N); its weight (2.5 on CIFAR-100) is for that.
+    """
+    _check_form(form, "ickd_loss")
+    _check_batch("ickd_loss", student_feat, teacher_feat, dims=4)
+    if student_feat.shape[1] != teacher_feat.shape[1]:
+        raise ValueError(f"ickd_loss: channel counts differ ({student_feat.shape[1]} and {teacher_feat.shape[1]}); "
+                         "adapt the student's first")
+
+    def gram(f: torch.Tensor) -> torch.Tensor:
+        q = f.flatten(2)
+        g = q @ q.transpose(1, 2)
+        return F.normalize(g, p=2, dim=2) if form == "code" else g
+
+    n, c = student_feat.shape[:2]
+    diff = gram(teacher_feat.detach()) - gram(student_feat)
+    return diff.pow(2).sum() / (n * c * (c if form == "paper" else 1))
+
+
+def vid_loss(student_mean: torch.Tensor, teacher_feat: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Variational information distillation (Ahn et al. 2019): the Gaussian negative log-likelihood of the teacher.
+
+    mean over all elements of 0.5 * ((t - mu)^2 / sigma^2 + log sigma^2), mu the student's prediction (same
+    shape as t), sigma^2 one variance per channel (dim 1). The paper sums over channels and positions;
+    RepDistiller and kdtool take the mean (so the weight does not depend on the feature size); the constant
+    0.5 log(2 pi) is left out.
+    """
+    _check_same_shape("vid_loss", student_mean, teacher_feat)
+    if variance.dim() != 1 or variance.shape[0] != teacher_feat.shape[1]:
+        raise ValueError(f"vid_loss: needs one variance per channel ({teacher_feat.shape[1]}), got "
+                         f"{tuple(variance.shape)}")
+    var = variance.view(1, -1, *([1] * (teacher_feat.dim() - 2)))
+    return (0.5 * ((teacher_feat.detach() - student_mean).pow(2) / var + var.log())).mean()
+
+
+def crd_nce_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss (Tian et al. 2020) for one anchor: scores (N, K + 1), column 0 the positive.
+
+    scores are the unnormalised probabilities exp(v . m / tau) / Z of each memory entry; with the uniform
+    noise distribution P_n = 1 / num_data and K negatives, h(x) = x / (x + K P_n), and the loss is
+    -(log h(positive) + sum over negatives of log(1 - h(negative))), mean over the batch (eps as the code's).
+    """
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"crd_nce_loss: needs (N, K + 1) scores with K >= 1, got {tuple(scores.shape)}")
+    m_pn = (scores.shape[1] - 1) / float(num_data)
+    log_pos = torch.log(scores[:, 0] / (scores[:, 0] + m_pn + eps))
+    log_neg = torch.log(m_pn / (scores[:, 1:] + m_pn + eps))
+    return -(log_pos + log_neg.sum(dim=1)).mean()

@@ -87,6 +87,7 @@ def _distill_student(cfg: DictConfig, strategies: Mapping[str, Any], teacher: Cl
     model, spec, norm = build_classifier(cfg.student, data, device)
     sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
     for s in strategies.values():
+        s.bind_data(data.train)
         s.setup(model, teacher, sample)
         s.to(device)
     teacher_outputs = None
@@ -135,6 +136,7 @@ def _self_distill(cfg: DictConfig, strategies: Mapping[str, Any], data: Data, de
     probe_teacher = build_classifier(cfg.student, data, device)[0].eval()
     sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
     for s in strategies.values():
+        s.bind_data(data.train)
         s.setup(probe, probe_teacher, sample)
     del probe, probe_teacher
     path = cfg.teacher.get("checkpoint")

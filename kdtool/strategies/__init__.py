@@ -6,10 +6,22 @@ holds the base class and the registry they register into).
 
 from kdtool.strategies import (  # noqa: F401  (importing a strategy module registers it)
     attention_transfer,
+    cc,
+    crd,
+    ctkd,
+    dist,
+    dkd,
     feature_mimicry,
+    ickd,
     multi_teacher,
+    nkd,
+    nst,
+    pkt,
+    rkd,
     self_distillation,
     soft_targets,
+    sp,
+    vid,
 )
 from kdtool.strategies.base import (
     STRATEGIES,

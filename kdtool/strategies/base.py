@@ -43,10 +43,11 @@ class StepOutputs:
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None
     labels: torch.Tensor
-    temperature: float
+    temperature: float | torch.Tensor  # a tensor when learned (CTKD)
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_probs: torch.Tensor | None = None  # set when several teachers are combined
+    indices: torch.Tensor | None = None  # the batch's sample indices into the training split (CRD's memory bank)
 
 
 class Strategy(nn.Module):
@@ -55,6 +56,7 @@ class Strategy(nn.Module):
     name = "strategy"
     config_keys: frozenset[str] = frozenset({"weight"})  # anything else in the config is refused
     contributes_term = True  # False: no loss term (the strategy changes targets or the run instead)
+    uses_temperature = False  # True: the term softens logits with StepOutputs.temperature (which CTKD learns)
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
@@ -69,8 +71,18 @@ class Strategy(nn.Module):
         self.student_taps: list[str] = []
         self.teacher_taps: list[str] = []
 
+    def check_stack(self, strategies: Mapping[str, Strategy]) -> None:
+        """Refuse, before any work, a stack of strategies this one cannot work in (all of them, itself included)."""
+
+    def bind_data(self, train: Any) -> None:
+        """Called before `setup` with the training split, for strategies that index it (CRD's memory bank)."""
+
     def setup(self, student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor) -> None:
         """Resolve taps and build adaptors; `sample` is a small batch for reading feature shapes."""
+
+    def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Called at the start of every epoch (0-based); the values returned are logged with the epoch's metrics."""
+        return {}
 
     def prepare(self, x: torch.Tensor, out: StepOutputs) -> None:
         """Amend a step's outputs before any term is computed (e.g. combine several teachers)."""
@@ -92,6 +104,8 @@ def build_strategies(cfg: Mapping[str, Any] | None) -> dict[str, Strategy]:
         if not isinstance(sub, Mapping):
             raise KdtoolError(f"strategies.{name} must be a mapping of settings, got {sub!r}")
         built[name] = STRATEGIES[name](sub)
+    for strategy in built.values():
+        strategy.check_stack(built)
     return built
 
 
