@@ -9,7 +9,7 @@ from pathlib import Path
 import kdtool
 
 PACKAGE = Path(kdtool.__file__).resolve().parent
-BASE = {"kdtool", "kdtool.errors", "kdtool.models", "kdtool.cifar_models", "kdtool.datasets", "kdtool.losses", "kdtool.checkpoints",
+BASE = {"kdtool", "kdtool.errors", "kdtool.models", "kdtool.cifar_models", "kdtool.datasets", "kdtool.augment", "kdtool.losses", "kdtool.checkpoints",
         "kdtool.features"}
 
 
