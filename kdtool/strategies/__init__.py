@@ -5,11 +5,19 @@ holds the base class and the registry they register into).
 """
 
 from kdtool.strategies import (  # noqa: F401  (importing a strategy module registers it)
+    ab,
     attention_transfer,
+    dml,
     feature_mimicry,
+    fsp,
+    ft,
     multi_teacher,
+    ofd,
+    reviewkd,
     self_distillation,
     soft_targets,
+    takd,
+    tf_kd,
 )
 from kdtool.strategies.base import (
     STRATEGIES,
