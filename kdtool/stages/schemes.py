@@ -68,7 +68,10 @@ def run_scheme(scheme: str, cfg: DictConfig, strategies: Mapping[str, Any], teac
                              "temperature": tf.temperature}}
         log.info(f"tf_kd: no teacher; the virtual teacher puts {tf.correct_prob} on the label, softened at "
                  f"T={tf.temperature:g}")
-        return distill_student(cfg, kept, None, data, device, out, extra, title="tf_kd")
+        tf_cfg = cfg.copy()  # the temperature in force (logged each epoch) is the virtual teacher's own
+        with open_dict(tf_cfg):
+            tf_cfg.temperature = OmegaConf.create({"schedule": "constant", "value": tf.temperature})
+        return distill_student(tf_cfg, kept, None, data, device, out, extra, title="tf_kd")
     if scheme == "dml":
         return _mutual(cfg, strategies["dml"], data, device, out)
     return _assistant_chain(cfg, strategies, teacher_path, data, device, out, distill_student)
