@@ -50,6 +50,7 @@ class FeatureTaps:
                 f"no module named {', '.join(missing)} in {type(net).__name__}; taps can be: {describe_stages(net)}"
             )
         self.outputs: dict[str, torch.Tensor] = {}
+        self.versions: dict[str, int] = {}  # a kept output's version: an in-place op after the module changes it
         self.handles = []
         for n in dict.fromkeys(names):
             if n.endswith(INPUT):
@@ -60,7 +61,9 @@ class FeatureTaps:
 
     def _keep(self, name: str):
         def hook(_module, _inputs, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            self.outputs[name] = out
+            self.versions[name] = out._version
 
         return hook
 
@@ -74,6 +77,12 @@ class FeatureTaps:
 
     def pop(self) -> dict[str, torch.Tensor]:
         out, self.outputs = self.outputs, {}
+        changed = [n for n, v in self.versions.items() if n in out and out[n]._version != v]
+        self.versions = {}
+        if changed:
+            raise KdtoolError(f"the output of {', '.join(changed)} is overwritten in place by the operation after it "
+                              "(e.g. ReLU(inplace=True)), so it cannot be tapped there; tap that operation's input "
+                              f"('{changed[0]}' -> 'NEXT_MODULE{INPUT}') or another module")
         return out
 
     def remove(self) -> None:
@@ -123,10 +132,17 @@ def pre_relu_tap(net: nn.Module, stage: str) -> tuple[str, str | None]:
             return taps[stage]
     modules = dict(net.named_modules())
     module = modules.get(stage)
+    parent, _, name = stage.rpartition(".")
+    siblings = list(modules[parent].named_children()) if parent in modules and stage else []
+    at = [n for n, _ in siblings].index(name) if siblings else -1
+    before = siblings[at - 1] if at > 0 else None
+    after = siblings[at + 1] if 0 <= at < len(siblings) - 1 else None
     if isinstance(module, nn.BatchNorm2d):
+        if after is not None and isinstance(after[1], nn.ReLU):  # read at the ReLU: an in-place one overwrites the BN's output
+            return f"{parent}.{after[0]}{INPUT}", stage
         return stage, stage
     if isinstance(module, nn.ReLU):
-        return stage + INPUT, None
+        return stage + INPUT, f"{parent}.{before[0]}" if before and isinstance(before[1], nn.BatchNorm2d) else None
     path, seq = stage, module
     while isinstance(seq, nn.Sequential) and len(seq):
         children = list(seq.named_children())

@@ -261,7 +261,7 @@ def compose_distill(out: Path, *overrides: str):
 @pytest.mark.parametrize("overrides, message", [
     (["+strategy=fsp", "student.kwargs.channels=[8,16,32]"], "the student has 3"),  # mismatched stage counts
     (["+strategy=fsp", "student.kwargs.channels=[4,8]"], "entry by entry"),  # other channels
-    (["+strategy=ofd", "strategies.ofd.pairs=[stages.0.2]"], "needs the BatchNorm before the teacher's ReLU"),
+    (["+strategy=ab", "strategies.ab.pairs=[stages.0.0]"], "no pre-ReLU value is known for stage 'stages.0.0'"),
     (["+strategy=[dml,takd]"], "cannot be stacked"),
     (["+strategy=[tf_kd,ofd]"], "cannot stack with ofd"),
     (["+strategy=dml", "cache.teacher=true"], "loads no teacher"),
@@ -280,16 +280,47 @@ def test_misfits_are_refused_before_training(tmp_path, teacher, overrides, messa
     assert not list(tmp_path.rglob("*.pt"))
 
 
+def test_ofd_refuses_a_teacher_without_a_batchnorm_before_its_relu():
+    class NoNorm(torch.nn.Module):  # conv - ReLU stages: pre-ReLU values, but no BatchNorm to give OFD a margin
+        def __init__(self):
+            super().__init__()
+            self.stages = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU()))
+            self.head = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.LazyLinear(10))
+            self.feature_info = [dict(num_chs=8, reduction=1, module="stages.0")]
+
+        def forward(self, x):
+            return self.head(self.stages(x))
+
+    s, _ = tiny_pair()
+    teacher = Classifier(NoNorm(), [0.5], [0.25])
+    teacher(torch.rand(1, 1, 16, 16))
+    ofd = build_strategies({"ofd": {}})["ofd"]
+    with pytest.raises(KdtoolError, match="ofd needs the BatchNorm before the teacher's ReLU at 'stages.0'"):
+        ofd.setup(s, teacher.eval(), torch.rand(2, 1, 16, 16))
+    ab = build_strategies({"ab": {}})["ab"]  # AB needs no margin: it applies
+    ab.setup(s, teacher.eval(), torch.rand(2, 1, 16, 16))
+    assert ab.teacher_taps == ["stages.0.1:in"]
+
+
+def test_a_tap_overwritten_in_place_is_refused():
+    _, t = tiny_pair()
+    taps = FeatureTaps(t.net, ["stages.0.1"])  # kd_cnn's BatchNorm, followed by ReLU(inplace=True)
+    t(torch.rand(2, 1, 16, 16))
+    with pytest.raises(KdtoolError, match="overwritten in place"):
+        taps.pop()
+    taps.remove()
+
+
 def test_a_model_without_pre_relu_values_is_refused():
     def classifier(name: str, **kwargs) -> Classifier:
-        net, _ = create_model(name, num_classes=10, in_chans=3, img_size=(32, 32), kwargs=kwargs)
+        net, _ = create_model(name, num_classes=10, in_chans=3, img_size=(16, 16), kwargs=kwargs)
         return Classifier(net, [0.5] * 3, [0.25] * 3)
 
     student, teacher = classifier("cifar_resnet8"), classifier("cifar_shufflenetv2").eval()
     for name in ("ofd", "ab"):
         strategy = build_strategies({name: {}})[name]
         with pytest.raises(KdtoolError, match=f"{name} distils pre-ReLU features, but for the teacher: no pre-ReLU value"):
-            strategy.setup(student, teacher, torch.rand(2, 3, 32, 32))
+            strategy.setup(student, teacher, torch.rand(2, 3, 16, 16))
 
 
 # ---------------------------------------------------------------- in-process units
@@ -309,14 +340,18 @@ def tiny_pair() -> tuple[Classifier, Classifier]:
     ("cifar_mobilenetv2_050", "blocks.2", "blocks.2", "blocks.2.2.conv.7"),
     ("cifar_shufflenetv1", "layer3", "layer3.3.relu:in", "layer3.3.bn3"),
     ("kd_cnn", "stages.1", "stages.1.2:in", "stages.1.1"),
+    ("kd_cnn", "stages.1.2", "stages.1.2:in", "stages.1.1"),  # a ReLU named directly
+    ("kd_cnn", "stages.0.1", "stages.0.2:in", "stages.0.1"),  # a BatchNorm named directly: read at its in-place ReLU
 ])
 def test_pre_relu_taps_of_the_zoo_and_kd_cnn(name, stage, tap, bn):
-    net, _ = create_model(name, num_classes=10, in_chans=3, img_size=(32, 32))
+    net, _ = create_model(name, num_classes=10, in_chans=3, img_size=(16, 16))
     assert pre_relu_tap(net, stage) == (tap, bn)
     model = Classifier(net, [0.5] * 3, [0.25] * 3)
-    feats = FeatureTaps.probe(model, [tap, stage], torch.rand(2, 3, 32, 32))
+    x = torch.rand(2, 3, 16, 16)
+    feats = FeatureTaps.probe(model, [tap], x)
     assert bool((feats[tap] < 0).any()), "a pre-ReLU value has negative entries"
-    if name == "kd_cnn":  # the ReLU works in place: the tap keeps a copy of its input, the stage output is cut
+    if stage == "stages.1":  # kd_cnn's ReLU works in place: the tap keeps a copy of its input, the stage output is cut
+        feats[stage] = FeatureTaps.probe(model, [stage], x)[stage]
         assert torch.equal(torch.nn.functional.max_pool2d(feats[tap].clamp_min(0), 2), feats[stage])
 
 
