@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtool.augment import hard_labels
 from kdtool.checkpoints import atomic_write_text
 from kdtool.errors import KdtoolError
 from kdtool.optim import as_schedule
@@ -342,7 +343,7 @@ class _Loop:
                     names = list(terms)
                     term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
                 term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
-                correct.add_((logits.argmax(1) == y).sum())
+                correct.add_((logits.argmax(1) == hard_labels(y)).sum())
             if (step + 1) % self.log_every == 0 or stop.signal:
                 # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
                 running = term_sums.tolist()

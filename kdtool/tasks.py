@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtool.augment import hard_labels
 from kdtool.errors import KdtoolError, number
 from kdtool.features import FeatureTaps, net_of
 from kdtool.strategies import StepOutputs, Strategy
@@ -104,7 +105,7 @@ class DistillTask:
             if self.teacher_taps is not None:
                 t_feats = self.teacher_taps.pop()
         s_logits = self.student(x)
-        out = StepOutputs(s_logits, t_logits, y, self.temperature,
+        out = StepOutputs(s_logits, t_logits, hard_labels(y), self.temperature,
                           self.student_taps.pop() if self.student_taps is not None else {}, t_feats)
         for strategy in self.strategies.values():
             strategy.prepare(x, out)

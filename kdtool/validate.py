@@ -49,6 +49,11 @@ def _training(cfg: DictConfig, stage: str) -> None:
     name = cfg.dataset.get("name")
     if name not in DATASETS and name not in FILE_DATASETS:
         raise KdtoolError(f"unknown data set '{name}': choose one of {', '.join([*DATASETS, *FILE_DATASETS])}")
+    from kdtool.augment import check_augment
+
+    check_augment(cfg.dataset.get("augment"))
+    if stage == "pipeline":
+        check_augment(OmegaConf.merge(cfg.dataset, cfg.get("teacher_dataset") or {}).get("augment"))
     val_size = cfg.dataset.get("val_size")
     if val_size is not None:
         number(val_size, "dataset.val_size (a count, or a fraction below 1)", 0, strict=True)

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdtool import __version__, distributed
+from kdtool.augment import check_augment
 from kdtool.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint
 from kdtool.datasets import Data, make_loader
 from kdtool.engine import (
@@ -173,8 +174,9 @@ def prepare_training(cfg: DictConfig, task: Any, data: Data, device: torch.devic
     ranks = distributed.replicas()  # one rank, unless under torchrun
     bs, ebs = int(train_cfg["batch_size"]), int(train_cfg.get("eval_batch_size", 1000))
     loader_cfg = cfg.dataset.get("loader")
-    train_loader = make_loader(data.train, bs, shuffle=True, device=device, seed=int(cfg.seed),
-                               augment=cfg.dataset.get("augment"), loader_cfg=loader_cfg, rank=ranks.rank,
+    augment = check_augment(cfg.dataset.get("augment"), data.image_size)
+    train_loader = make_loader(data.train, bs, shuffle=True, device=device, seed=int(cfg.seed), augment=augment,
+                               num_classes=data.num_classes, loader_cfg=loader_cfg, rank=ranks.rank,
                                world_size=ranks.world_size)
     # every rank validates on the whole validation split, so all agree on the best epoch
     val_loader = make_loader(data.val, ebs, shuffle=False, device=device, loader_cfg=loader_cfg)
