@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtool.augment import hard_labels
 from kdtool.errors import KdtoolError
 from kdtool.features import FeatureTaps, feature_stage_names, net_of, pre_relu_tap
 from kdtool.losses import halving_weights
@@ -132,7 +133,7 @@ class StageTask:
         with torch.no_grad():
             t_logits = self.teacher(x)
         s_logits = self.student(x)
-        out = StepOutputs(s_logits, t_logits, y, 1.0, self.student_taps.pop(), self.teacher_taps.pop())
+        out = StepOutputs(s_logits, t_logits, hard_labels(y), 1.0, self.student_taps.pop(), self.teacher_taps.pop())
         loss = self.loss(out)
         return loss, s_logits, {self.term: loss}
 
