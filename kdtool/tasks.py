@@ -102,6 +102,8 @@ class DistillTask:
         t_feats: dict[str, torch.Tensor] = {}
         if self.teacher_outputs is not None and self.teacher_taps is None:
             t_logits = self.teacher_outputs(x, idx)
+        elif self.teacher is None:  # teacher-free (tf_kd): the targets come from the labels
+            t_logits = None
         else:  # teacher features cannot be cached: run the teacher
             with torch.no_grad():
                 t_logits = self.teacher(x)

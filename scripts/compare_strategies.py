@@ -9,7 +9,9 @@ Runs the real `kdtool` command (one process per run, two at a time) and writes a
        alone (cross-entropy: `distill baseline=true`), with soft targets, + feature_mimicry,
        + attention_transfer, + both, self_distillation (generation 0 is the student trained alone),
        and multi_teacher (both teachers); then with each logit, relational and embedding method (dkd, dist,
-       nkd, ctkd, logit standardization, rkd, pkt, cc, crd, sp, nst, ickd, vid; `--methods` picks some);
+       nkd, ctkd, logit standardization, rkd, pkt, cc, crd, sp, nst, ickd, vid), each feature method of
+       METHODS_B (ReviewKD, OFD, FT, AB) and the schemes of SCHEMES_B (deep mutual learning, a teacher
+       assistant, teacher-free); `--methods` picks some;
   3. a table of the test accuracy of each best.pt (chosen on validation), its errors, and parameters.
 
 The default budget (the embedded 12,000-image MNIST subset, a few epochs) takes about 10 minutes on
@@ -39,6 +41,22 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 TEACHER = ["teacher=cnn"]  # kd_cnn, channels [32, 64], fc 128
 TEACHER_2 = ["teacher=cnn", "teacher.kwargs.channels=[16,32]", "teacher.kwargs.fc_dim=64"]
 STUDENT = ["student=cnn_tiny"]  # kd_cnn, channels [8, 16], fc 32
+# feature methods with modules or stages of their own: +strategy=NAME, one job each of one sweep (name, loss)
+METHODS_B = [
+    ("reviewkd", "+ 1.0 ReviewKD (ABF, HCL; stages 0, 1)"),
+    ("ofd", "+ 0.001 OFD (pre-ReLU, margin; stages 0, 1)"),
+    ("ft", "+ 0.025 FT (paraphraser 2 epochs first; last stage)"),
+    ("ab", "AB initialisation (2 epochs), then soft targets"),
+]
+# fsp is left out here: it compares FSP matrices entry by entry, so its pairs need the teacher's widths
+# (cnn_tiny's 8/16 channels against the teacher's 32/64); resnet8x4 from resnet32x4 (32-64-128-256 both) fits.
+ASSISTANT = "[{name: kd_cnn, kwargs: {channels: [16, 32], fc_dim: 64}}]"  # between the teacher and cnn_tiny
+# schemes (name, overrides, loss); each its own run (dml and tf_kd load no teacher)
+SCHEMES_B = [
+    ("dml", ["+strategy=dml"], "deep mutual learning with a second cnn_tiny (CE + KL, no teacher)"),
+    ("takd", ["+strategy=takd", f"strategies.takd.assistants={ASSISTANT}"], "soft targets through a kd_cnn 16/32 assistant"),
+    ("tf_kd", ["+strategy=tf_kd"], "0.1 CE + 0.9 KL to a label-smoothing virtual teacher (T=20), no teacher"),
+]
 
 
 def logit_relational_methods(epochs: int, nce_k: int) -> dict[str, tuple[list[str], str]]:
@@ -209,6 +227,8 @@ def main() -> None:
         "soft_targets": ((*distill, "baseline=true"), {}),  # the student alone trains in soft_targets/baseline
         "features": ((*distill, f"+strategy={','.join(features)}"), {"sweep": True}),
         "multi_teacher": ((*distill, "+strategy=multi_teacher", f"strategies.multi_teacher.teachers=[{t2}]"), {}),
+        "methods_b": ((*distill, f"+strategy={','.join(m for m, _ in METHODS_B)}"), {"sweep": True}),
+        **{name: ((*distill, *overrides), {}) for name, overrides, _ in SCHEMES_B},
     }, args.jobs)
     alone = runs["soft_targets"] / "baseline"
     # generation 0 is the student trained alone: the same architecture, recipe, seed and initial weights
@@ -227,6 +247,8 @@ def main() -> None:
         ("feature_mimicry + attention_transfer", "+ both", read(runs["features"] / "2")),
         (f"self_distillation (generation {args.generations})", "soft targets from the student alone", read(born_again)),
         ("multi_teacher", "soft targets from both teachers' mean", read(runs["multi_teacher"])),
+        *[(name, loss, read(runs["methods_b"] / str(i))) for i, (name, loss) in enumerate(METHODS_B)],
+        *[(name, loss, read(runs[name])) for name, _, loss in SCHEMES_B],
     ]
     done = runner.parallel({m.replace(" ", "_"): ((*distill, *methods[m][0]), {}) for m in chosen}, args.jobs)
     rows += [(m, methods[m][1], read(done[m.replace(" ", "_")])) for m in chosen]

@@ -482,7 +482,7 @@ def test_relational_terms_are_computed_in_float32_under_autocast(name):
     built, s, t = set_up({name: {}})
     strategy = built[name]
     torch.manual_seed(4)
-    feats = {"head:input": (torch.rand(8, 12), torch.rand(8, 32)), "stages.1": (torch.rand(8, 6, 4, 4), torch.rand(8, 16, 4, 4)),
+    feats = {"head:in": (torch.rand(8, 12), torch.rand(8, 32)), "stages.1": (torch.rand(8, 6, 4, 4), torch.rand(8, 16, 4, 4)),
              "stages.0": (torch.rand(8, 4, 8, 8), torch.rand(8, 8, 8, 8))}
     out = StepOutputs(torch.zeros(8, 10), torch.zeros(8, 10), torch.zeros(8, dtype=torch.long), 4.0,
                       {n: feats[n][0] for n in strategy.student_taps}, {n: feats[n][1] for n in strategy.teacher_taps})

@@ -5,6 +5,7 @@ student's and the teacher's timm network), and the distill task hands it those o
 
 Some strategies add no loss term of their own (`contributes_term = False`): multi_teacher changes
 the targets the soft-target term uses, and self_distillation changes how the run is organised.
+Some train something before the distillation (`pre_stage`: FitNets' hints, FT's paraphraser).
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class StepOutputs:
     indices: torch.Tensor | None = None  # the batch's sample indices into the training split (CRD's memory bank)
 
 
+@dataclass
+class PreStage:
+    """A training a strategy needs before the distillation: its folder under the run, its epochs, an engine task."""
+
+    name: str
+    epochs: int
+    task: Any  # trainable(), start_epoch(), step(), close(), as kdtool.tasks.DistillTask
+
+
 class Strategy(nn.Module):
     """One loss term. Subclasses set the taps they need in `setup` and compute the term in `forward`."""
 
@@ -83,6 +93,10 @@ class Strategy(nn.Module):
     def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
         """Called at the start of every epoch (0-based); the values returned are logged with the epoch's metrics."""
         return {}
+
+    def pre_stage(self, student: nn.Module, teacher: nn.Module | None) -> PreStage | None:
+        """The training to run, after `setup`, before the distillation (kdtool.stages.pre_stage runs it), or None."""
+        return None
 
     def prepare(self, x: torch.Tensor, out: StepOutputs) -> None:
         """Amend a step's outputs before any term is computed (e.g. combine several teachers)."""
