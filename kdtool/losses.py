@@ -555,14 +555,6 @@ __all__ += [
     "tf_kd_virtual_teacher",
 ]
 
-_FORMS = ("paper", "code")
-
-
-def _check_form(form: str) -> None:
-    if form not in _FORMS:
-        raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
-
-
 def _check_maps(what: str, *maps: torch.Tensor) -> None:
     for m in maps:
         if m.dim() != 4:
@@ -669,7 +661,7 @@ def ft_factor_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p
     code:  the mean over the N x D entries of |F_T/||F_T||_2 - F_S/||F_S||_2|^p, the authors' code's
            (F.l1_loss of the normalised factors for p = 1), D times smaller for p = 1.
     """
-    _check_form(form)
+    _check_form(form, "ft_factor_loss")
     _check_same_shape("ft_factor_loss", student_factor, teacher_factor)
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
@@ -688,7 +680,7 @@ def ft_reconstruction_loss(feature: torch.Tensor, reconstruction: torch.Tensor, 
     code:  the mean squared error over all entries (the authors' code), C x H x W times smaller.
     `feature` (the teacher's map) is the fixed target.
     """
-    _check_form(form)
+    _check_form(form, "ft_reconstruction_loss")
     _check_same_shape("ft_reconstruction_loss", reconstruction, feature)
     sq = (reconstruction - feature.detach()).pow(2)
     return sq.mean() if form == "code" else sq.sum() / feature.shape[0]
@@ -765,7 +757,7 @@ def tf_kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, correct_prob:
            the KL terms over the N x K entries (nn.KLDivLoss's default), making up the 1/K with its
            `multiplier`.
     """
-    _check_form(form)
+    _check_form(form, "tf_kd_loss")
     q = tf_kd_virtual_teacher(labels, student_logits.shape[1], correct_prob, temperature)
     log_p = F.log_softmax(student_logits / (temperature if form == "paper" else 1.0), dim=1)
     kl = q * (q.log() - log_p)

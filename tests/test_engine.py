@@ -117,7 +117,7 @@ def test_cache_refuses_augmentation_file_data_and_teacher_features(data):
     with pytest.raises(KdtoolError, match="teacher features"):
         check_cacheable(data, None, ["stages.1"])
     files = type(data)("imagefolder", [("a.png", 0)], [], [], ["a"], 3, (8, 8), [0.5] * 3, [0.5] * 3)
-    with pytest.raises(KdtoolError, match="sample indices"):
+    with pytest.raises(KdtoolError, match="read from its files every epoch.*cache_in_memory=false"):
         check_cacheable(files, None)
 
 
