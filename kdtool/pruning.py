@@ -63,12 +63,15 @@ class PruneSettings:
 
 
 def settings_from(cfg: Mapping[str, Any]) -> PruneSettings:
-    """Check `prune.*` (one target, a known importance, whole step counts) and return it; one line when wrong."""
+    """Check `prune.*` (a target, a known importance, whole step counts) and return it; one line when wrong.
+
+    `target_params`, when set, replaces `target_macs` (whose default is set), so either is one override.
+    """
     macs, params = cfg.get("target_macs"), cfg.get("target_params")
-    if (macs is None) == (params is None):
-        raise KdtoolError("give one pruning target: prune.target_macs=0.3 (keep 30% of the MACs) or "
-                          "prune.target_params=0.3 (keep 30% of the parameters), not both and not neither")
-    kind, value = ("macs", macs) if macs is not None else ("params", params)
+    if macs is None and params is None:
+        raise KdtoolError("give a pruning target: prune.target_macs=0.3 (keep 30% of the MACs) or "
+                          "prune.target_params=0.3 (keep 30% of the parameters)")
+    kind, value = ("params", params) if params is not None else ("macs", macs)  # target_params, when set, wins
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < 1:
         raise KdtoolError(f"prune.target_{kind}={value} must be a fraction in (0, 1): the share of the original "
                           f"{'MACs' if kind == 'macs' else 'parameters'} to keep, e.g. 0.3")
