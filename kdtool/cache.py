@@ -77,8 +77,8 @@ def check_cacheable(data: Data, augment: Mapping[str, Any] | None, teacher_taps:
     """Refuse, before any work, the runs whose teacher outputs are not one fixed tensor per image."""
     if not isinstance(data.train, TensorSplit):
         raise KdtoolError(
-            f"cache.teacher=true needs an in-memory data set whose batches carry sample indices; "
-            f"dataset={data.name} streams files, so set cache.teacher=false"
+            f"cache.teacher=true needs an in-memory data set; dataset={data.name} is read from its files every epoch "
+            "(dataset.cache_in_memory=false, or over dataset.cache_limit_mb), so set cache.teacher=false"
         )
     if is_augmented(augment):
         raise KdtoolError(

@@ -25,12 +25,15 @@ Differences that change no parameter and no output on 32x32 images: the final po
 (RepDistiller's fixed 8x8 / 4x4 / 2x2 windows cover the whole map at 32 pixels, so they are the same there,
 and ours also runs on other sizes); VGG follows RepDistiller's 32-pixel path at every size (its extra
 max-pool before the last stage is only for 64-pixel inputs); every ReLU is out of place, so a forward hook
-on any module (the feature taps of kdtool's strategies) keeps the value that module produced.
+on any module (the feature taps of kdtool's strategies) keeps the value that module produced. A block whose
+last step is a ReLU applies it as a module (``relu``), so its input, the pre-ReLU value, can be tapped.
 
 ``feature_info`` lists the stages RepDistiller's feature-based methods tap (its ``feat[1:-1]``: the outputs
 of the residual stages, not the stem and not the pooled vector), so kdtool's attention transfer pairs by
-default the stages that CRD's AT baseline pairs. For pre-activation features (OFD), hook the modules listed
-in each class's docstring (the last BatchNorm of each stage).
+default the stages that CRD's AT baseline pairs. ``pre_relu_taps()`` says, for each stage, where its pre-ReLU
+value is read and which BatchNorm makes it (what OFD and AB distil; RepDistiller's ``preact`` features and
+``get_bn_before_relu``); ShuffleNet V2 has none (its stage outputs mix channels that passed ReLUs in
+earlier blocks).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
+        self.relu = nn.ReLU()  # the last ReLU as a module: its input is the block's pre-ReLU value
         self.conv1 = _conv3x3(c_in, c_out, stride)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = _conv3x3(c_out, c_out)
@@ -116,7 +120,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return self.relu(out + shortcut)
 
 
 class CifarResNet(_CifarNet):
@@ -124,8 +128,8 @@ class CifarResNet(_CifarNet):
     halving the resolution, global average pooling, fc.
 
     `widths` = (stem, stage 1, stage 2, stage 3): (16, 16, 32, 64), or (32, 64, 128, 256) for the x4 models.
-    Pre-activation features (OFD): the inputs of each stage's last ReLU, i.e. ``layerN[-1].bn2`` output plus
-    the shortcut.
+    Pre-ReLU features (OFD, AB): the input of each stage's last ReLU (``layerN.<last>.relu``: ``bn2`` output plus
+    the shortcut), with ``bn2`` for the margin, as RepDistiller's ``get_bn_before_relu``.
     """
 
     def __init__(self, depth: int = 8, widths: Sequence[int] = (16, 16, 32, 64), num_classes: int = 100,
@@ -153,6 +157,11 @@ class CifarResNet(_CifarNet):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    def pre_relu_taps(self) -> dict[str, tuple[str, str]]:
+        """Each stage's pre-ReLU tap (its last block's final ReLU, at the input) and the BatchNorm before it."""
+        last = {f"layer{i}": len(getattr(self, f"layer{i}")) - 1 for i in (1, 2, 3)}
+        return {s: (f"{s}.{j}.relu:in", f"{s}.{j}.bn2") for s, j in last.items()}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -202,8 +211,8 @@ class CifarWideResNet(_CifarNet):
     """WRN-depth-widen: a 3x3 stem of 16 channels, three stages of (depth - 4) / 6 pre-activation blocks of
     16k, 32k, 64k channels, then BN-ReLU, global average pooling, fc.
 
-    The stage outputs (``block1..3``) are sums before any activation; pre-activation features (OFD) are
-    ``block2.layer.0.bn1``, ``block3.layer.0.bn1`` and ``bn1`` applied to them, as in RepDistiller.
+    The stage outputs (``block1..3``) are sums before any activation; their pre-ReLU values (OFD, AB) are the
+    outputs of ``block2.layer.0.bn1``, ``block3.layer.0.bn1`` and ``bn1`` applied to them, as in RepDistiller.
     """
 
     def __init__(self, depth: int = 16, widen_factor: int = 2, num_classes: int = 100, in_chans: int = 3,
@@ -229,6 +238,11 @@ class CifarWideResNet(_CifarNet):
     def get_classifier(self) -> nn.Linear:
         return self.fc
 
+    def pre_relu_taps(self) -> dict[str, tuple[str, str]]:
+        """Each stage's pre-ReLU value: the BatchNorm the next block (or the head) applies to it before its ReLU."""
+        bns = {"block1": "block2.layer.0.bn1", "block2": "block3.layer.0.bn1", "block3": "bn1"}
+        return {s: (bn, bn) for s, bn in bns.items()}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
         return F.relu(self.bn1(x))
@@ -249,7 +263,8 @@ class CifarVGG(_CifarNet):
     """VGG for CIFAR: five stages (``block0..4``) of conv3x3 (with bias) - BN - ReLU, a 2x2 max-pool after each
     of the first three (32 -> 4 pixels), global average pooling, one fc from 512 channels.
 
-    Pre-activation features (OFD): the last BatchNorm of each stage, ``blockN[-2]``.
+    Pre-ReLU features (OFD, AB): the input of each stage's last ReLU, after its last BatchNorm ``blockN[-2]``
+    (found from the layer order: kdtool.features.pre_relu_tap).
     """
 
     def __init__(self, depth: int = 8, num_classes: int = 100, in_chans: int = 3, img_size: Any = None, **_: Any):
@@ -320,7 +335,8 @@ class CifarMobileNetV2(_CifarNet):
 
     Channels are int(c * width_mult); the last conv stays 1280 wide for width_mult <= 1. The tables'
     "MobileNetV2" student is width_mult 0.5, expand_ratio 6 (``mobile_half``): ``cifar_mobilenetv2_050``.
-    Its outputs are linear (no ReLU after the projection); pre-activation features are the stage outputs.
+    Its outputs are linear (no ReLU after the projection); the pre-ReLU features (OFD, AB) are the stage outputs,
+    with the last block's projection BatchNorm (``conv.7``) for the margin, as in RepDistiller.
     """
 
     def __init__(self, width_mult: float = 0.5, expand_ratio: int = 6, num_classes: int = 100, in_chans: int = 3,
@@ -350,6 +366,10 @@ class CifarMobileNetV2(_CifarNet):
     def get_classifier(self) -> nn.Linear:
         return self.classifier[0]
 
+    def pre_relu_taps(self) -> dict[str, tuple[str, str]]:
+        """Each stage's output (linear already) and its last block's projection BatchNorm."""
+        return {f"blocks.{i}": (f"blocks.{i}", f"blocks.{i}.{len(stage) - 1}.conv.7") for i, stage in enumerate(self.blocks)}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         for stage in self.blocks:
@@ -363,10 +383,11 @@ class CifarMobileNetV2(_CifarNet):
 class ShuffleV1Block(nn.Module):
     """Grouped 1x1 (``conv1``), channel shuffle, depthwise 3x3 (``conv2``), grouped 1x1 (``conv3``). Stride 1:
     relu(branch + x); stride 2: relu(concat(branch, avgpool3x3(x))), so the branch makes c_out - c_in channels
-    there (`c_out` here is the branch's width). Pre-activation features: the value before the final ReLU."""
+    there (`c_out` here is the branch's width). The final ReLU is a module (``relu``): its input is the pre-ReLU value."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, groups: int, first_groups: int | None = None):
         super().__init__()
+        self.relu = nn.ReLU()
         mid = c_out // 4
         self.stride = stride
         self.groups_in = groups if first_groups is None else first_groups
@@ -382,8 +403,8 @@ class ShuffleV1Block(nn.Module):
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
-        return F.relu(out + x)
+            return self.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
+        return self.relu(out + x)
 
 
 class CifarShuffleNetV1(_CifarNet):
@@ -409,6 +430,16 @@ class CifarShuffleNetV1(_CifarNet):
 
     def get_classifier(self) -> nn.Linear:
         return self.linear
+
+    def pre_relu_taps(self) -> dict[str, tuple[str, str]]:
+        """Each stage's last block's final ReLU (at the input) and its bn3, where that block keeps the resolution
+        (a stride-2 block concatenates pooled post-ReLU channels that no BatchNorm describes)."""
+        taps = {}
+        for i in (1, 2, 3):
+            stage = getattr(self, f"layer{i}")
+            if stage[-1].stride == 1:
+                taps[f"layer{i}"] = (f"layer{i}.{len(stage) - 1}.relu:in", f"layer{i}.{len(stage) - 1}.bn3")
+        return taps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

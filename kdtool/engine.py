@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtool.augment import hard_labels
 from kdtool.checkpoints import atomic_write_text
 from kdtool.errors import KdtoolError
 from kdtool.optim import as_schedule
@@ -201,8 +202,8 @@ def fit(
 
     `scheduler` is a kdtool.optim.Schedule (stepped after every optimizer step or every epoch) or a
     bare torch scheduler (every epoch). `on_epoch_end(epoch, metrics, is_best, train_state)` saves
-    checkpoints; `metrics_dir` receives metrics.jsonl and metrics.csv. Best is chosen on validation
-    accuracy only. `reduce` sums the epoch's counts over processes; `replicas` (kdtool.distributed)
+    checkpoints; `metrics_dir` receives metrics.jsonl and metrics.csv. Best is chosen on validation only
+    (train.select_on: accuracy, or loss). `reduce` sums the epoch's counts over processes; `replicas` (kdtool.distributed)
     also averages gradients across them.
 
     `train_state` (see `_Loop.state`) is everything beyond the weights that a resumed run needs to
@@ -260,6 +261,7 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16" and self.device.type == "cuda")
         self.params = [p for m in task.trainable() for p in m.parameters() if p.requires_grad]
         self.clip = train_cfg.get("grad_clip")
+        self.select_on = str(train_cfg.get("select_on", "acc1"))  # best.pt: highest val accuracy, or lowest val loss
         self.log_every = max(1, int(train_cfg.get("log_every", 50)))
         # float64 sums keep counts exact over any epoch; MPS has no float64
         self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
@@ -342,7 +344,7 @@ class _Loop:
                     names = list(terms)
                     term_sums = torch.zeros(len(names), device=device, dtype=acc_dtype)
                 term_sums.add_(torch.stack([v.float() for v in terms.values()]), alpha=n)
-                correct.add_((logits.argmax(1) == y).sum())
+                correct.add_((logits.argmax(1) == hard_labels(y)).sum())
             if (step + 1) % self.log_every == 0 or stop.signal:
                 # a NaN stays in the sums: checking them every log_every steps costs one sync, not one a step
                 running = term_sums.tolist()
@@ -407,8 +409,14 @@ class _Loop:
         }
 
     def record(self, metrics: dict[str, Any]) -> bool:
-        """Append an epoch to the history; whether it is the best on validation accuracy so far."""
-        is_best = not self.result.best or metrics["val_acc1"] > self.result.best["val_acc1"]
+        """Append an epoch to the history; whether it is the best on validation so far (train.select_on)."""
+        best = self.result.best
+        if not best:
+            is_best = True
+        elif self.select_on == "loss":
+            is_best = metrics["val_loss"] < best["val_loss"]
+        else:
+            is_best = metrics["val_acc1"] > best["val_acc1"]
         if is_best:
             self.result.best = dict(metrics)
         self.result.history.append(metrics)

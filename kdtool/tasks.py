@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtool.augment import hard_labels
 from kdtool.errors import KdtoolError, number
 from kdtool.features import FeatureTaps, net_of
 from kdtool.strategies import StepOutputs, Strategy
@@ -84,26 +85,34 @@ class DistillTask:
     def trainable(self) -> list[nn.Module]:
         # a strategy without a weighted term (e.g. FitNets' stage 2 with weight 0) trains nothing: it stays out
         # of the optimizer and of the DDP module, which would otherwise wait for gradients that never come
-        return [self.student, *[s for s in self.terms.values() if any(True for _ in s.parameters())]]
+        # a strategy that adds no term but shapes the others (CTKD's temperature) trains with them
+        shaping = [s for s in self.strategies.values() if not s.contributes_term]
+        return [self.student, *[s for s in [*self.terms.values(), *shaping] if any(True for _ in s.parameters())]]
 
     def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
         if self.teacher is not None:
             self.teacher.eval()
         self.temperature = temperature_at(self.temperature_cfg, epoch, epochs)
-        return {"temperature": self.temperature}
+        values = {"temperature": self.temperature}
+        for strategy in self.strategies.values():  # a strategy's schedule (DKD's warm-up, CTKD's curriculum)
+            values.update(strategy.start_epoch(epoch, epochs))
+        return values
 
     def step(self, x, y, idx):
         t_feats: dict[str, torch.Tensor] = {}
         if self.teacher_outputs is not None and self.teacher_taps is None:
             t_logits = self.teacher_outputs(x, idx)
+        elif self.teacher is None:  # teacher-free (tf_kd): the targets come from the labels
+            t_logits = None
         else:  # teacher features cannot be cached: run the teacher
             with torch.no_grad():
                 t_logits = self.teacher(x)
             if self.teacher_taps is not None:
                 t_feats = self.teacher_taps.pop()
         s_logits = self.student(x)
-        out = StepOutputs(s_logits, t_logits, y, self.temperature,
+        out = StepOutputs(s_logits, t_logits, hard_labels(y), self.temperature,
                           self.student_taps.pop() if self.student_taps is not None else {}, t_feats)
+        out.indices = idx
         for strategy in self.strategies.values():
             strategy.prepare(x, out)
         terms = {}

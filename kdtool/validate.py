@@ -61,6 +61,11 @@ def _training(cfg: DictConfig, stage: str) -> None:
     name = cfg.dataset.get("name")
     if name not in DATASETS and name not in FILE_DATASETS:
         raise KdtoolError(f"unknown data set '{name}': choose one of {', '.join([*DATASETS, *FILE_DATASETS])}")
+    from kdtool.augment import check_augment
+
+    check_augment(cfg.dataset.get("augment"))
+    if stage == "pipeline":
+        check_augment(OmegaConf.merge(cfg.dataset, cfg.get("teacher_dataset") or {}).get("augment"))
     val_size = cfg.dataset.get("val_size")
     if val_size is not None:
         number(val_size, "dataset.val_size (a count, or a fraction below 1)", 0, strict=True)
@@ -81,6 +86,8 @@ def _training(cfg: DictConfig, stage: str) -> None:
     _positive(train, "weight_decay", prefix="train.")
     if number(train.get("label_smoothing", 0.0), "train.label_smoothing", 0) >= 1:
         raise KdtoolError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+    if train.get("select_on", "acc1") not in ("acc1", "loss"):
+        raise KdtoolError(f"train.select_on={train.select_on} must be acc1 (validation accuracy) or loss (validation loss)")
     if train.get("precision", "fp32") not in PRECISIONS:
         raise KdtoolError(f"train.precision={train.precision} must be one of {', '.join(PRECISIONS)}")
     from kdtool.engine import resolve_device

@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 T = 4.0          # temperature.value in configs/temperature/constant.yaml
 CE_WEIGHT = 0.1  # loss.ce_weight in configs/distill.yaml
 KD_WEIGHT = 0.9  # strategies.soft_targets.weight
+# the hand loop's recipe, whatever the data set's recipe says: AdamW, cosine per epoch, plain images, T=4
+HAND_RECIPE = ["optimizer=adamw", "scheduler=cosine", "train.lr=0.001", "train.weight_decay=0.0001",
+               "dataset.augment=null", f"temperature.value={T}", "train.channels_last=false"]
 
 
 # ---------------------------------------------------------------- the hand-written loop
@@ -129,7 +132,7 @@ def compose(stage: str, args: argparse.Namespace, overrides: list[str]):
     from hydra import initialize_config_module
 
     data = ["dataset=mnist", f"dataset.root={args.data}"] if args.data else ["dataset=mnist_subset"]
-    common = [*data, "device=cpu", f"threads={args.threads}", f"seed={args.seed}",
+    common = [*data, *HAND_RECIPE, "device=cpu", f"threads={args.threads}", f"seed={args.seed}",
               f"train.batch_size={args.batch_size}", "train.progress=false", f"runs_dir={args.work}/runs",
               f"cache.dir={args.work}/cache" if stage == "distill" else None,
               f"limit_train_batches={args.steps}" if args.steps else None]
@@ -165,6 +168,44 @@ def _metrics(path: Path) -> dict[str, Any]:
     return {"epoch_times": [r["epoch_time_s"] for r in rows], "epoch_cpu": [r["epoch_cpu_s"] for r in rows],
             "data_wait": [r["data_wait_s"] for r in rows],
             "val_acc1": [r["val_acc1"] for r in rows]}
+
+
+def write_image_folder(root: Path) -> Path:
+    """The embedded MNIST subset as PNG files: train/<digit>/*.png (its 12,000 training images), val/ (its test)."""
+    import numpy as np
+    from PIL import Image
+
+    from kdtool.datasets import load_data
+
+    data = load_data({"name": "mnist_subset", "val_size": 1}, seed=0)
+    for part, splits in (("train", (data.train, data.val)), ("val", (data.test,))):
+        n = 0
+        for split in splits:
+            for image, label in zip(split.images, split.labels.tolist()):
+                folder = root / part / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image[0].numpy().astype(np.uint8)).save(folder / f"{n:05d}.png")
+                n += 1
+    return root
+
+
+def imagefolder(args: argparse.Namespace, teacher: str, in_memory: dict[str, Any], images: int) -> dict[str, Any]:
+    """kdtool distill epochs on the subset written as PNG files, decoded once and read every epoch, against memory."""
+    root = write_image_folder(Path(args.work) / "mnist_png")
+    folder = ["dataset=imagefolder", f"dataset.root={root}", "dataset.in_chans=1", "dataset.val_size=2000",
+              "dataset.augment=null"]
+    out: dict[str, Any] = {"files": sum(1 for _ in root.rglob("*.png"))}
+    for name, extra in (("decoded_once", ["dataset.cache_in_memory=true"]),
+                        ("read_every_epoch", ["dataset.cache_in_memory=false", "dataset.loader.num_workers=2"])):
+        t0 = time.perf_counter()
+        r = kdtool_distill(args, teacher, args.epochs, *folder, *extra)
+        s = summarise([r], images)
+        s["run_wall_s"] = round(time.perf_counter() - t0, 3)
+        s["ratio_over_in_memory"] = ratio(s, in_memory, "epoch_s_median")
+        out[name] = s
+        print(f"  image folder, {name}: epochs {[round(t, 3) for t in r['epoch_times']]} "
+              f"(ratio over the in-memory subset {s['ratio_over_in_memory']})", flush=True)
+    return out
 
 
 def train_teacher(args: argparse.Namespace) -> str:
@@ -215,7 +256,7 @@ def memory(args: argparse.Namespace, teacher: str) -> dict[str, Any]:
         return {"skipped": "peak memory is read from /proc (Linux only)"}
     data = [f"dataset.root={args.data}", "dataset=mnist"] if args.data else ["dataset=mnist_subset"]
     steps = [f"limit_train_batches={args.steps}"] if args.steps else []
-    kd = ["kdtool", "distill", *data, "device=cpu", f"threads={args.threads}",
+    kd = ["kdtool", "distill", *data, *HAND_RECIPE, "device=cpu", f"threads={args.threads}",
           f"seed={args.seed}", f"train.batch_size={args.batch_size}", "train.epochs=1", "train.progress=false",
           f"teacher.checkpoint={teacher}", f"runs_dir={args.work}/mem-runs", *steps]
     hand = [__file__, "--hand-child", teacher, "--threads", str(args.threads), "--seed",
@@ -305,7 +346,7 @@ def main() -> None:
     p.add_argument("--teacher", help="a kd_cnn teacher best.pt (default: train one with kdtool train-teacher)")
     p.add_argument("--teacher-epochs", type=int, default=1)
     p.add_argument("--skip", default="",
-                   help="comma list of sections to skip: cache,bf16,channels_last,compile,memory,profile")
+                   help="comma list of sections to skip: cache,bf16,channels_last,compile,imagefolder,memory,profile")
     p.add_argument("--quick", action="store_true", help="20 steps an epoch, at most 2 epochs: checks the script")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--work", help="scratch folder (default: a new temporary folder)")
@@ -383,10 +424,14 @@ def main() -> None:
         report["variants"][name] = v
         print(f"  {name}: epochs {[round(t, 3) for t in r['epoch_times']]} {v['warnings'] or ''}", flush=True)
 
-    # 4. peak resident memory, each in its own process
+    # 4. the same images as files: an image folder decoded once into memory, and read from its files every epoch
+    if "imagefolder" not in skip and not args.data:
+        report["imagefolder"] = imagefolder(args, teacher, kd, images)
+
+    # 5. peak resident memory, each in its own process
     if "memory" not in skip:
         report["memory"] = memory(args, teacher)
-    # 5. where kdtool's time goes
+    # 6. where kdtool's time goes
     if "profile" not in skip:
         report["profile"] = profile(args, teacher)
     report["machine_after"] = machine()
@@ -421,6 +466,10 @@ def print_table(r: dict[str, Any]) -> None:
         print(line("kdtool student alone (no teacher)", c["plain_student"], None))
         print(line("kdtool distill, teacher cache warm", c["distill_cached"], c["plain_student"],
                    "against the student alone; target <= 1.10"))
+    for name, s in (r.get("imagefolder") or {}).items():
+        if isinstance(s, dict):
+            print(line(f"image folder, {name.replace('_', ' ')}", s, r["kdtool"],
+                       f"against the in-memory subset (kdtool fp32); whole run {s['run_wall_s']} s"))
     if "memory" in r and "skipped" not in r["memory"]:
         m = r["memory"]
         print(f"\npeak RSS: kdtool distill process {m['kdtool']['peak_rss_mib']} MiB, hand loop process "

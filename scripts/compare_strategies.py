@@ -8,7 +8,10 @@ Runs the real `kdtool` command (one process per run, two at a time) and writes a
      from the same initial weights and data order, with the same epochs, trained
        alone (cross-entropy: `distill baseline=true`), with soft targets, + feature_mimicry,
        + attention_transfer, + both, self_distillation (generation 0 is the student trained alone),
-       and multi_teacher (both teachers);
+       and multi_teacher (both teachers); then with each logit, relational and embedding method (dkd, dist,
+       nkd, ctkd, logit standardization, rkd, pkt, cc, crd, sp, nst, ickd, vid), each feature method of
+       METHODS_B (ReviewKD, OFD, FT, AB) and the schemes of SCHEMES_B (deep mutual learning, a teacher
+       assistant, teacher-free); `--methods` picks some;
   3. a table of the test accuracy of each best.pt (chosen on validation), its errors, and parameters.
 
 The default budget (the embedded 12,000-image MNIST subset, a few epochs) takes about 10 minutes on
@@ -38,6 +41,50 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 TEACHER = ["teacher=cnn"]  # kd_cnn, channels [32, 64], fc 128
 TEACHER_2 = ["teacher=cnn", "teacher.kwargs.channels=[16,32]", "teacher.kwargs.fc_dim=64"]
 STUDENT = ["student=cnn_tiny"]  # kd_cnn, channels [8, 16], fc 32
+# feature methods with modules or stages of their own: +strategy=NAME, one job each of one sweep (name, loss)
+METHODS_B = [
+    ("reviewkd", "+ 1.0 ReviewKD (ABF, HCL; stages 0, 1)"),
+    ("ofd", "+ 0.001 OFD (pre-ReLU, margin; stages 0, 1)"),
+    ("ft", "+ 0.025 FT (paraphraser 2 epochs first; last stage)"),
+    ("ab", "AB initialisation (2 epochs), then soft targets"),
+]
+# fsp is left out here: it compares FSP matrices entry by entry, so its pairs need the teacher's widths
+# (cnn_tiny's 8/16 channels against the teacher's 32/64); resnet8x4 from resnet32x4 (32-64-128-256 both) fits.
+ASSISTANT = "[{name: kd_cnn, kwargs: {channels: [16, 32], fc_dim: 64}}]"  # between the teacher and cnn_tiny
+# schemes (name, overrides, loss); each its own run (dml and tf_kd load no teacher)
+SCHEMES_B = [
+    ("dml", ["+strategy=dml"], "deep mutual learning with a second cnn_tiny (CE + KL, no teacher)"),
+    ("takd", ["+strategy=takd", f"strategies.takd.assistants={ASSISTANT}"], "soft targets through a kd_cnn 16/32 assistant"),
+    ("tf_kd", ["+strategy=tf_kd"], "0.1 CE + 0.9 KL to a label-smoothing virtual teacher (T=20), no teacher"),
+]
+
+
+def logit_relational_methods(epochs: int, nce_k: int) -> dict[str, tuple[list[str], str]]:
+    """The logit, relational and embedding methods: name -> (overrides, what the row's loss is).
+
+    Methods that replace KD in their paper (dkd, dist, nkd) run the paper's recipe (no soft-target term,
+    cross-entropy 1); the others are added to the default soft targets, as the rows above. Schedules the papers
+    set in epochs of 240 (DKD's 20-epoch warm-up, CTKD's 10-epoch curriculum) are scaled to this budget.
+    """
+    alone = ["strategies.soft_targets.weight=0", "loss.ce_weight=1"]
+    warmup, curriculum = round(epochs * 20 / 240), max(1, round(epochs * 10 / 240))
+    return {
+        "dkd": (["+strategy=dkd", *alone, f"strategies.dkd.warmup={warmup}"],
+                f"1.0 CE + DKD (alpha 1, beta 8, T=4, warm-up {warmup} epochs)"),
+        "dist": (["+strategy=dist", *alone], "1.0 CE + DIST (beta = gamma = 1, T=4)"),
+        "nkd": (["+strategy=nkd", *alone], "1.0 CE + NKD (gamma 1.5, T=4)"),
+        "ctkd": (["+strategy=ctkd", f"strategies.ctkd.curriculum_epochs={curriculum}"],
+                 f"soft targets at a learned T (curriculum {curriculum} epochs)"),
+        "logit standardization": (["strategies.soft_targets.standardize=true"], "soft targets on z-scored logits (T=4)"),
+        "rkd": (["+strategy=rkd"], "+ RKD (25 distance, 50 angle; pre-logits)"),
+        "pkt": (["+strategy=pkt"], "+ 470 PKT (pre-logits)"),
+        "cc": (["+strategy=cc"], "+ 1.0 CC (Gaussian, P=2; pre-logits)"),
+        "crd": (["+strategy=crd", f"strategies.crd.nce_k={nce_k}"], f"+ 0.8 CRD ({nce_k} negatives)"),
+        "sp": (["+strategy=sp"], "+ 3000 SP (last stage)"),
+        "nst": (["+strategy=nst"], "+ 50 NST (stages 0, 1)"),
+        "ickd": (["+strategy=ickd"], "+ 2.5 ICKD (last stage, code form)"),
+        "vid": (["+strategy=vid"], "+ 1.0 VID (stages 0, 1)"),
+    }
 
 
 def kdtool_command() -> list[str]:
@@ -145,10 +192,19 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=1, help="self_distillation generations after generation 0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="kdtool processes at a time (each gets cores/jobs threads)")
+    parser.add_argument("--methods", default=None, metavar="A,B",
+                        help="run only these of the logit / relational / embedding methods (default: all of them)")
+    parser.add_argument("--nce-k", type=int, default=4096,
+                        help="CRD's negatives (the paper's 16384 gathers 2 GiB a step at batch 128: too much for a CPU)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra Hydra override for every run, e.g. train.lr=0.002 (repeatable)")
     args = parser.parse_args()
 
+    methods = logit_relational_methods(args.epochs, args.nce_k)
+    chosen = list(methods) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(methods))
+    if unknown:
+        raise SystemExit(f"compare_strategies: unknown --methods {', '.join(unknown)}; choose from {', '.join(methods)}")
     t_start = time.perf_counter()
     work = (args.work or Path(tempfile.mkdtemp(prefix="kdtool-strategies-"))).resolve()
     data, data_text = dataset_overrides(args.dataset, args.data)
@@ -171,6 +227,8 @@ def main() -> None:
         "soft_targets": ((*distill, "baseline=true"), {}),  # the student alone trains in soft_targets/baseline
         "features": ((*distill, f"+strategy={','.join(features)}"), {"sweep": True}),
         "multi_teacher": ((*distill, "+strategy=multi_teacher", f"strategies.multi_teacher.teachers=[{t2}]"), {}),
+        "methods_b": ((*distill, f"+strategy={','.join(m for m, _ in METHODS_B)}"), {"sweep": True}),
+        **{name: ((*distill, *overrides), {}) for name, overrides, _ in SCHEMES_B},
     }, args.jobs)
     alone = runs["soft_targets"] / "baseline"
     # generation 0 is the student trained alone: the same architecture, recipe, seed and initial weights
@@ -189,7 +247,11 @@ def main() -> None:
         ("feature_mimicry + attention_transfer", "+ both", read(runs["features"] / "2")),
         (f"self_distillation (generation {args.generations})", "soft targets from the student alone", read(born_again)),
         ("multi_teacher", "soft targets from both teachers' mean", read(runs["multi_teacher"])),
+        *[(name, loss, read(runs["methods_b"] / str(i))) for i, (name, loss) in enumerate(METHODS_B)],
+        *[(name, loss, read(runs[name])) for name, _, loss in SCHEMES_B],
     ]
+    done = runner.parallel({m.replace(" ", "_"): ((*distill, *methods[m][0]), {}) for m in chosen}, args.jobs)
+    rows += [(m, methods[m][1], read(done[m.replace(" ", "_")])) for m in chosen]
     base_errors = rows[3][2]["errors"]
     minutes = (time.perf_counter() - t_start) / 60
     command = shlex.join(["python", "scripts/compare_strategies.py", *sys.argv[1:]])

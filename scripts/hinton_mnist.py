@@ -42,7 +42,7 @@ ROWS = [  # (key, label, where its best.pt is in the run folder)
     ("distilled_jitter", "student distilled, jittered transfer set", "jitter"),
 ]
 # the second distillation: the teacher labels jittered images on the fly (so no logit cache)
-JITTER = ["+dataset.augment.crop_padding=2", "cache.teacher=false", "train.epochs=20"]
+JITTER = ["dataset.augment={crop_padding: 2}", "cache.teacher=false", "train.epochs=20"]
 QUICK = ["teacher_train.epochs=1", "train.epochs=2"]  # --quick: train.epochs=2 for the jittered runs too
 
 

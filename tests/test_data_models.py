@@ -179,14 +179,22 @@ def test_imagefolder_with_different_classes_in_train_and_val_is_refused(tmp_path
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, workers):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_unreadable_image_is_named_or_skipped_and_counted(tmp_path, workers, in_memory):
+    """Decoded into memory the file is named when the folder is read; read per epoch, when its batch comes."""
     root = make_image_folder(tmp_path / "imgs", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}, "test": {"a": 1}})
     broken = root / "train" / "b" / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
-    cfg = {**imagefolder_cfg(root), "loader": {"num_workers": workers, "persistent_workers": False}}
-    data = load_data(cfg, seed=0)
-    with pytest.raises(KdtoolError, match=f"image {broken} cannot be read.*skip_unreadable=true"):
-        list(make_loader(data.train, 3, shuffle=True, device=CPU, loader_cfg=cfg["loader"]))
+    cfg = {**imagefolder_cfg(root), "loader": {"num_workers": workers, "persistent_workers": False},
+           "cache_in_memory": in_memory}
+    message = f"image {broken} cannot be read.*skip_unreadable=true"
+    if in_memory:
+        with pytest.raises(KdtoolError, match=message):
+            load_data(cfg, seed=0)
+    else:
+        data = load_data(cfg, seed=0)
+        with pytest.raises(KdtoolError, match=message):
+            list(make_loader(data.train, 3, shuffle=True, device=CPU, loader_cfg=cfg["loader"]))
     data = load_data({**cfg, "skip_unreadable": True}, seed=0)
     loader = make_loader(data.train, 3, shuffle=True, device=CPU, loader_cfg=cfg["loader"])
     labels = torch.cat([y for _, y, _ in loader]).tolist()
@@ -246,7 +254,7 @@ def test_unreadable_image_through_the_command(tmp_path):
     broken = root / "train" / "a" / "broken.png"
     broken.write_bytes(b"not an image")
     args = ["train-teacher", "dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=[8,8]",
-            "dataset.loader.num_workers=1", "teacher.kwargs.channels=[4,8]", "teacher.kwargs.fc_dim=16",
+            "dataset.loader.num_workers=1", "teacher=cnn", "teacher.kwargs.channels=[4,8]", "teacher.kwargs.fc_dim=16",
             "train.epochs=1", "train.progress=false", f"runs_dir={tmp_path / 'runs'}"]
     failed = run_kdtool(*args, cwd=tmp_path)
     assert failed.returncode == 2, failed.describe()

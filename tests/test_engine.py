@@ -238,3 +238,19 @@ def test_compile_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
     out = module(torch.ones(1, 2))  # still the eager module
     assert out.shape == (1, 2)
     assert F.mse_loss(out, out).item() == 0
+
+
+def test_best_follows_validation_accuracy_or_validation_loss():
+    """select_on=acc1 keeps the first epoch of the highest val accuracy; select_on=loss the lowest val loss."""
+    from kdtool.engine import _Loop
+
+    history = [{"val_acc1": 98.0, "val_loss": 0.05}, {"val_acc1": 99.0, "val_loss": 0.04},
+               {"val_acc1": 98.9, "val_loss": 0.03}, {"val_acc1": 99.0, "val_loss": 0.02}]
+    for select_on, want in (("acc1", [True, True, False, False]), ("loss", [True, True, True, True])):
+        loop = _Loop.__new__(_Loop)  # only the bookkeeping record() uses
+        loop.select_on = select_on
+        from kdtool.engine import FitResult
+
+        loop.result = FitResult()
+        assert [loop.record(dict(h)) for h in history] == want
+        assert loop.result.best["val_loss"] == (0.04 if select_on == "acc1" else 0.02)

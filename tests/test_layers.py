@@ -9,8 +9,8 @@ from pathlib import Path
 import kdtool
 
 PACKAGE = Path(kdtool.__file__).resolve().parent
-BASE = {"kdtool", "kdtool.errors", "kdtool.models", "kdtool.cifar_models", "kdtool.datasets", "kdtool.losses", "kdtool.checkpoints",
-        "kdtool.features"}
+BASE = {"kdtool", "kdtool.errors", "kdtool.models", "kdtool.cifar_models", "kdtool.datasets", "kdtool.augment",
+        "kdtool.losses", "kdtool.checkpoints", "kdtool.features"}
 
 
 def module_name(path: Path) -> str:

@@ -20,9 +20,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdtool import __version__, distributed
+from kdtool.augment import check_augment
 from kdtool.checkpoints import atomic_write_text, load_checkpoint, save_checkpoint
 from kdtool.datasets import Data, make_loader
-from kdtool.engine import Classifier, check_precision, classification_metrics, compile_modules, fit, predict, resolve_device
+from kdtool.engine import (
+    Classifier,
+    check_precision,
+    classification_metrics,
+    compile_modules,
+    fit,
+    predict,
+    resolve_device,
+    validate,
+)
 from kdtool.errors import KdtoolError
 from kdtool.loggers import build_logger
 from kdtool.models import create_model, pretrained_normalization, rebuild_model
@@ -182,8 +192,9 @@ def prepare_training(cfg: DictConfig, task: Any, data: Data, device: torch.devic
     ranks = distributed.replicas()  # one rank, unless under torchrun
     bs, ebs = int(train_cfg["batch_size"]), int(train_cfg.get("eval_batch_size", 1000))
     loader_cfg = cfg.dataset.get("loader")
-    train_loader = make_loader(data.train, bs, shuffle=True, device=device, seed=int(cfg.seed),
-                               augment=cfg.dataset.get("augment"), loader_cfg=loader_cfg, rank=ranks.rank,
+    augment = check_augment(cfg.dataset.get("augment"), data.image_size)
+    train_loader = make_loader(data.train, bs, shuffle=True, device=device, seed=int(cfg.seed), augment=augment,
+                               num_classes=data.num_classes, loader_cfg=loader_cfg, rank=ranks.rank,
                                world_size=ranks.world_size)
     # every rank validates on the whole validation split, so all agree on the best epoch
     val_loader = make_loader(data.val, ebs, shuffle=False, device=device, loader_cfg=loader_cfg)
@@ -196,8 +207,13 @@ def prepare_training(cfg: DictConfig, task: Any, data: Data, device: torch.devic
 
 def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm: dict, data: Data,
                 device: torch.device, out: Path, role: str, extra: Mapping[str, Any] | None = None,
-                title: str | None = None) -> dict[str, Any]:
-    """Fit a task, keep last.pt and best.pt (chosen on validation), test both once, write results.json."""
+                title: str | None = None, watcher: Any = None) -> dict[str, Any]:
+    """Fit a task, keep last.pt and best.pt (chosen on validation), test both once, write results.json.
+
+    `watcher` follows other models the task trains beside `model` (deep mutual learning's peers): after each
+    epoch `watcher.epoch_end(epoch, metrics, evaluate)` (evaluate: a model's validation metrics), and
+    `watcher.state()` is kept in last.pt and handed back to `watcher.restore(state)` when the run resumes.
+    """
     run = prepare_training(cfg, task, data, device)
     train_cfg, ranks = run.train_cfg, run.ranks
     ebs = int(train_cfg.get("eval_batch_size", 1000))
@@ -218,23 +234,28 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
     state = None
     if resuming(cfg):
         state = resume_training(out, spec, model, adaptors, role)
+        if watcher is not None:
+            watcher.restore(load_checkpoint(out / "last.pt").get("watcher") if state is not None else None)
         if state is not None and state["epoch"] >= int(train_cfg["epochs"]) and not state.get("partial") \
                 and (out / "results.json").is_file():
             log.info(f"{role}: already trained for {state['epoch']} epochs in {out}; keeping its results")
             return json.loads((out / "results.json").read_text())
 
-    def payload(metrics: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+    def payload(metrics: Mapping[str, Any], epoch: int, last: bool = False) -> dict[str, Any]:
         p = {**base, "model_state": model.net.state_dict(), "metrics": dict(metrics), "epoch": epoch}
-        if adaptors:
-            p["adaptors_state"] = {m.name: m.state_dict() for m in adaptors}
+        # a module marked resume_only (DML's other peers, which have run folders of their own) is in last.pt only
+        kept = [m for m in adaptors if last or not getattr(m, "resume_only", False)]
+        if kept:
+            p["adaptors_state"] = {m.name: m.state_dict() for m in kept}
         return p
 
     def save_last(train_state: dict[str, Any]) -> Path | None:
         if not ranks.is_main:
             return None
         history = train_state["history"]
-        return save_checkpoint(out / "last.pt", {**payload(history[-1] if history else {}, train_state["epoch"]),
-                                                 "train_state": train_state})
+        return save_checkpoint(out / "last.pt", {**payload(history[-1] if history else {}, train_state["epoch"], last=True),
+                                                 "train_state": train_state,
+                                                 **({"watcher": watcher.state()} if watcher is not None else {})})
 
     logger = build_logger(cfg, out) if ranks.is_main else None  # TensorBoard with logger=tensorboard
 
@@ -243,6 +264,10 @@ def train_model(cfg: DictConfig, task: Any, model: Classifier, spec: dict, norm:
         # redoes, never a last.pt whose history names a best epoch that best.pt does not hold
         if is_best and ranks.is_main:
             save_checkpoint(out / "best.pt", payload(metrics, epoch + 1))
+        if watcher is not None and ranks.is_main:
+            watcher.epoch_end(epoch, metrics, lambda m: validate(m, run.val_loader, train_cfg["precision"],
+                                                                 bool(train_cfg.get("channels_last")),
+                                                                 train_cfg.get("limit_eval_batches")))
         save_last(train_state)
         if logger is not None:
             logger.log_epoch(metrics)

@@ -10,27 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from kdtool.cache import cached_teacher_outputs, check_cacheable
 from kdtool.checkpoints import atomic_write
 from kdtool.datasets import Data, load_data, make_loader
-from kdtool.engine import Classifier, classification_metrics, fit, predict
+from kdtool.engine import Classifier, classification_metrics, predict
 from kdtool.errors import KdtoolError
-from kdtool.resume import resuming
 from kdtool.stages.common import (
     build_classifier,
     latest_teacher,
     load_teacher,
     output_dir,
-    prepare_training,
     provenance,
     setup_run,
     train_model,
     write_json,
 )
+from kdtool.stages.pre_stage import train_pre_stage
+from kdtool.stages.schemes import TEACHER_FREE, run_scheme, scheme_of
 from kdtool.strategies import build_strategies
-from kdtool.strategies.feature_mimicry import HintTask
 from kdtool.strategies.self_distillation import check_same_architecture, print_generations
 from kdtool.tasks import DistillTask, SupervisedTask, check_loss_weights, check_temperature
 
@@ -41,7 +40,8 @@ def distill(cfg: DictConfig) -> float:
     """Distil the teacher into the student; optionally also train the student alone (baseline).
 
     +strategy=multi_teacher distils from an ensemble of teachers and +strategy=self_distillation runs
-    born-again generations (see kdtool.strategies); configs and teachers are checked before any training.
+    born-again generations (see kdtool.strategies); dml, takd and tf_kd run through kdtool.stages.schemes;
+    configs and teachers are checked before any training.
     """
     check_temperature(cfg.temperature)
     if float(cfg.loss.ce_weight) < 0:
@@ -50,9 +50,10 @@ def distill(cfg: DictConfig) -> float:
     strategies = build_strategies(cfg.get("strategies"))
     check_loss_weights(cfg.loss.ce_weight, strategies)
     self_distilling, multi = "self_distillation" in strategies, strategies.get("multi_teacher")
+    scheme = scheme_of(cfg, strategies)  # dml, takd or tf_kd (kdtool.stages.schemes), checked before any data is read
     data = load_data(cfg.dataset, seed=int(cfg.seed))
     path = cfg.teacher.get("checkpoint")
-    if not path and not self_distilling and multi is None:
+    if not path and not self_distilling and multi is None and scheme not in TEACHER_FREE:
         path = latest_teacher(cfg.runs_dir, data)
         log.info(f"teacher: using the most recent train-teacher run's checkpoint that fits {data.name}: {path}")
     if OmegaConf.select(cfg, "cache.teacher", default=False):
@@ -60,6 +61,9 @@ def distill(cfg: DictConfig) -> float:
     if self_distilling:
         out = output_dir(cfg)
         summary = _self_distill(cfg, strategies, data, device, out)
+    elif scheme is not None:
+        out = output_dir(cfg)
+        summary = run_scheme(scheme, cfg, strategies, path, data, device, out, _distill_student)
     else:
         if multi is not None:
             teachers = _load_ensemble(cfg, multi, data, device)
@@ -87,16 +91,14 @@ def _distill_student(cfg: DictConfig, strategies: Mapping[str, Any], teacher: Cl
     model, spec, norm = build_classifier(cfg.student, data, device)
     sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
     for s in strategies.values():
+        s.bind_data(data.train)
         s.setup(model, teacher, sample)
         s.to(device)
     teacher_outputs = None
     if OmegaConf.select(cfg, "cache.teacher", default=False):  # the teacher's logits, computed once and kept
         teacher_outputs = cached_teacher_outputs(cfg, strategies, teacher, extra["teacher"]["checkpoint"], data, device)
-    for s in strategies.values():
-        if resuming(cfg) and (out / "last.pt").is_file():
-            break  # the interrupted run had trained its hints: its last.pt holds them
-        if getattr(s, "two_stage", False):  # FitNets' stage 1: hints alone, before the distillation run
-            _train_hints(cfg, s, model, teacher, data, device, out)
+    for s in strategies.values():  # FitNets' hints, FT's paraphraser, ...: trainings before the distillation
+        train_pre_stage(cfg, s, model, spec, norm, teacher, data, device, out)
     task = DistillTask(model, teacher, strategies, cfg.loss.ce_weight, cfg.temperature, teacher_outputs)
     try:
         return train_model(cfg, task, model, spec, norm, data, device, out, role="student", extra=extra,
@@ -135,6 +137,7 @@ def _self_distill(cfg: DictConfig, strategies: Mapping[str, Any], data: Data, de
     probe_teacher = build_classifier(cfg.student, data, device)[0].eval()
     sample = next(iter(make_loader(data.train, 8, shuffle=False, device=device)))[0]
     for s in strategies.values():
+        s.bind_data(data.train)
         s.setup(probe, probe_teacher, sample)
     del probe, probe_teacher
     path = cfg.teacher.get("checkpoint")
@@ -188,25 +191,3 @@ def _generation_row(k: int, teacher: str, summary: Mapping[str, Any]) -> dict[st
             "test_best_acc1": test["best"]["acc1"], "test_best_errors": test["best"]["errors"],
             "test_last_acc1": test["last"]["acc1"], "test_last_errors": test["last"]["errors"]}
 
-
-def _train_hints(cfg: DictConfig, strategy: Any, student: Classifier, teacher: Classifier, data: Data,
-                 device: torch.device, out: Path) -> None:
-    """FitNets' stage 1: the student's layers up to the hint layer(s) and the adaptors, on the hint loss alone.
-
-    Runs engine.fit for `hint_epochs` with a fresh optimizer and scheduler of the configured kind;
-    metrics go to <out>/hint/metrics.jsonl.
-    """
-    hint_cfg = cfg.copy()
-    with open_dict(hint_cfg):
-        hint_cfg.train.epochs = strategy.hint_epochs
-    task = HintTask(student, teacher, strategy)
-    run = prepare_training(hint_cfg, task, data, device)
-    folder = Path(out) / "hint"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        fit(task, student, run.train_loader, run.val_loader, run.train_cfg, run.optimizer, run.scheduler,
-            lambda *_: None, folder, title="hint", replicas=run.ranks, on_interrupt=lambda _state: None)
-    finally:
-        task.close()
-    log.info(f"feature_mimicry: {strategy.hint_epochs} hint epoch(s) done (metrics in {folder}); "
-             "now the distillation run")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdtool.datasets import load_data
 from kdtool.stages.common import build_classifier, output_dir, setup_run, train_model
@@ -11,6 +11,9 @@ from kdtool.tasks import SupervisedTask
 
 def train_teacher(cfg: DictConfig) -> float:
     """Train (or fine-tune) the teacher with cross-entropy."""
+    if cfg.get("teacher_dataset"):  # the teacher's own data settings (e.g. an experiment's jitter for it alone)
+        with open_dict(cfg):
+            cfg.dataset = OmegaConf.merge(cfg.dataset, cfg.teacher_dataset)
     device = setup_run(cfg)
     out = output_dir(cfg)
     data = load_data(cfg.dataset, seed=int(cfg.seed))

@@ -5,6 +5,7 @@ student's and the teacher's timm network), and the distill task hands it those o
 
 Some strategies add no loss term of their own (`contributes_term = False`): multi_teacher changes
 the targets the soft-target term uses, and self_distillation changes how the run is organised.
+Some train something before the distillation (`pre_stage`: FitNets' hints, FT's paraphraser).
 """
 
 from __future__ import annotations
@@ -43,10 +44,20 @@ class StepOutputs:
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None
     labels: torch.Tensor
-    temperature: float
+    temperature: float | torch.Tensor  # a tensor when learned (CTKD)
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_probs: torch.Tensor | None = None  # set when several teachers are combined
+    indices: torch.Tensor | None = None  # the batch's sample indices into the training split (CRD's memory bank)
+
+
+@dataclass
+class PreStage:
+    """A training a strategy needs before the distillation: its folder under the run, its epochs, an engine task."""
+
+    name: str
+    epochs: int
+    task: Any  # trainable(), start_epoch(), step(), close(), as kdtool.tasks.DistillTask
 
 
 class Strategy(nn.Module):
@@ -55,6 +66,7 @@ class Strategy(nn.Module):
     name = "strategy"
     config_keys: frozenset[str] = frozenset({"weight"})  # anything else in the config is refused
     contributes_term = True  # False: no loss term (the strategy changes targets or the run instead)
+    uses_temperature = False  # True: the term softens logits with StepOutputs.temperature (which CTKD learns)
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
@@ -69,8 +81,22 @@ class Strategy(nn.Module):
         self.student_taps: list[str] = []
         self.teacher_taps: list[str] = []
 
+    def check_stack(self, strategies: Mapping[str, Strategy]) -> None:
+        """Refuse, before any work, a stack of strategies this one cannot work in (all of them, itself included)."""
+
+    def bind_data(self, train: Any) -> None:
+        """Called before `setup` with the training split, for strategies that index it (CRD's memory bank)."""
+
     def setup(self, student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor) -> None:
         """Resolve taps and build adaptors; `sample` is a small batch for reading feature shapes."""
+
+    def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Called at the start of every epoch (0-based); the values returned are logged with the epoch's metrics."""
+        return {}
+
+    def pre_stage(self, student: nn.Module, teacher: nn.Module | None) -> PreStage | None:
+        """The training to run, after `setup`, before the distillation (kdtool.stages.pre_stage runs it), or None."""
+        return None
 
     def prepare(self, x: torch.Tensor, out: StepOutputs) -> None:
         """Amend a step's outputs before any term is computed (e.g. combine several teachers)."""
@@ -92,6 +118,8 @@ def build_strategies(cfg: Mapping[str, Any] | None) -> dict[str, Strategy]:
         if not isinstance(sub, Mapping):
             raise KdtoolError(f"strategies.{name} must be a mapping of settings, got {sub!r}")
         built[name] = STRATEGIES[name](sub)
+    for strategy in built.values():
+        strategy.check_stack(built)
     return built
 
 

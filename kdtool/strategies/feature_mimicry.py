@@ -12,7 +12,7 @@ from torch import nn
 from kdtool.errors import KdtoolError
 from kdtool.features import FeatureTaps, net_of, shape_text
 from kdtool.losses import feature_mimicry_loss
-from kdtool.strategies.base import StepOutputs, Strategy, parse_pairs, register_strategy, resolve_stage
+from kdtool.strategies.base import PreStage, StepOutputs, Strategy, parse_pairs, register_strategy, resolve_stage
 
 log = logging.getLogger("kdtool")
 
@@ -40,7 +40,7 @@ class FeatureMimicry(Strategy):
     Adaptors train with the student (they are saved as `adaptors_state`, never exported).
 
     `two_stage: true` first trains the student up to the hint layer(s) and the adaptors on this
-    loss alone for `hint_epochs` (FitNets' stage 1, run by kdtool.stages.distill with HintTask), then
+    loss alone for `hint_epochs` (FitNets' stage 1: `pre_stage`, a HintTask in <run>/hint/), then
     runs the normal distillation, in which
     this term keeps `weight` (set weight=0 for FitNets' stage 2 of soft targets and CE only).
     """
@@ -83,6 +83,9 @@ class FeatureMimicry(Strategy):
                      f"teacher {t_name} ({shape_text(t)})")
         self.adaptors.to(sample.device)
         self.student_taps, self.teacher_taps = s_names, t_names
+
+    def pre_stage(self, student, teacher):
+        return PreStage("hint", self.hint_epochs, HintTask(student, teacher, self)) if self.two_stage else None
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
         total = None
