@@ -10,7 +10,10 @@ uses (kdtool.evaluation.count_macs).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -107,25 +110,54 @@ def classifier_of(net: nn.Module) -> nn.Module:
     return last[-1]
 
 
-def unsupported_layer(net: nn.Module, example: torch.Tensor) -> str | None:
+def unsupported_layer(net: nn.Module, example: torch.Tensor, seconds: float | None = None) -> str | None:
     """The first layer whose weights Torch-Pruning cannot shrink channel by channel, described, or None.
 
     Those are parameters outside the layer types it knows (a custom layer's own weights, a bare nn.Parameter such
-    as a class token): it would cut them along a guessed dimension, so kdtool refuses the model instead.
+    as a class token): it would cut them along a guessed dimension, so kdtool refuses the model instead. The
+    coupled groups are enumerated here too, within `seconds` (ANALYSIS_SECONDS): for some graphs (ShuffleNet's
+    channel split and shuffle) Torch-Pruning's index bookkeeping grows without end, and the run stops in one
+    line instead of hanging.
     """
     import torch_pruning as tp
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _time_limit(ANALYSIS_SECONDS if seconds is None else seconds,
+                                                 f"Torch-Pruning's analysis of {type(net).__name__}"):
         warnings.simplefilter("ignore")
         graph = tp.DependencyGraph().build_dependency(net, example_inputs=example, verbose=False)
-    names = {p: n for n, p in net.named_parameters()}
-    for p in (u.parameters for u in graph.unwrapped_parameters):
-        name = names.get(p, "?")
-        owner = name.rpartition(".")[0]
-        if not owner:
-            return f"'{name}' (a parameter of the {type(net).__name__} itself)"
-        return f"'{name}' (a parameter of {type(net.get_submodule(owner)).__name__} '{owner}')"
+        names = {p: n for n, p in net.named_parameters()}
+        for p in (u.parameters for u in graph.unwrapped_parameters):
+            name = names.get(p, "?")
+            owner = name.rpartition(".")[0]
+            if not owner:
+                return f"'{name}' (a parameter of the {type(net).__name__} itself)"
+            return f"'{name}' (a parameter of {type(net.get_submodule(owner)).__name__} '{owner}')"
+        for _ in graph.get_all_groups(ignored_layers=[classifier_of(net)]):
+            pass
     return None
+
+
+ANALYSIS_SECONDS = 120.0
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str):
+    """Stop the block with a KdtoolError after `seconds` of wall time (main thread, where SIGALRM exists; else none)."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise KdtoolError(f"cannot prune: {what} did not finish in {seconds:.0f} s (channel splits and shuffles make "
+                          "its coupled groups explode); prune another model")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass

@@ -430,3 +430,14 @@ def test_pipeline_with_a_pruned_student(first):
     assert json.loads((folder / "export" / "manifest.json").read_text())["source_checkpoint"] == \
         str((folder / "distill" / "best.pt").resolve())
 
+
+
+def test_an_analysis_that_does_not_end_stops_in_one_line(monkeypatch):
+    """ShuffleNet V2's split and shuffle make Torch-Pruning's group bookkeeping grow without end: a time limit."""
+    import kdtool.pruning as pruning
+
+    monkeypatch.setattr(pruning, "ANALYSIS_SECONDS", 1.0)
+    net, _ = create_model("cifar_shufflenetv2", num_classes=10, in_chans=3, img_size=(32, 32))
+    with pytest.raises(KdtoolError) as info:
+        prune_network(net.eval(), torch.rand(2, 3, 32, 32), PruneSettings("macs", 0.5))
+    assert "did not finish in 1 s" in str(info.value) and "CifarShuffleNetV2" in str(info.value)
