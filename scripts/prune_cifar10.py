@@ -3,10 +3,12 @@
 the same pruned model fine-tuned without a teacher (3 seeds), and the distilled model's int8 export against
 fp32 ONNX. Every step is the real `kdtool` command, each in its own folder under --work:
 
-  1. teacher/          kdtool train-teacher  (cifar_resnet20 by default; SGD, cosine, crop + flip)
+  1. teacher/          kdtool train-teacher experiment=cifar10_kd (the rgb_small recipe: cifar_resnet20, SGD
+                       one-cycle, crop + flip, channels_last; 15 epochs, about 84% test top-1)
   2. prune/            kdtool prune          (to --target of its MACs; the report holds accuracy before recovery)
-  3. recover/seed_S/   kdtool distill student.checkpoint=prune/pruned.pt teacher.checkpoint=teacher/best.pt
-                       baseline=true seed=S  (distilled in the folder, fine-tuned alone in baseline/)
+  3. recover/seed_S/   kdtool distill experiment=cifar10_kd student.checkpoint=prune/pruned.pt
+                       teacher.checkpoint=teacher/best.pt baseline=true seed=S (distilled in the folder, fine-tuned
+                       alone in baseline/; the recipe's student budget, 8 epochs, unless --epochs)
   4. export/seed_S/    kdtool export of the distilled model: formats [onnx, onnx_int8] (int8.allow_drop=true:
                        the int8 loss is measured here and judged in step 6, not gated)
   5. evaluate/         one kdtool evaluate over all of them, ONNX files included, so accuracy, MACs and throughput
@@ -18,11 +20,12 @@ A step whose output is already there is skipped, so an interrupted run continues
 
   python scripts/prune_cifar10.py --work runs/prune_cifar10                  # the full measurement
   python scripts/prune_cifar10.py --work /tmp/pc10 --quick                   # a check that it runs (minutes)
-  python scripts/prune_cifar10.py --work W --teacher-epochs 30 --epochs 15 --train-per-class 1000   # sized down
+  python scripts/prune_cifar10.py --work W --teacher-epochs 15 --epochs 8 --train-per-class 1000   # sized down
 
 Data: ../shared/data/cifar10 (train/<class>/*.jpg: 45,000; val/<class>/*.jpg: 9,000, used as the test split;
-validation is 10% held out of train/). --train-per-class / --test-per-class take the first N files of each
-class (sorted names) through a folder of symbolic links under --work/data.
+validation is 5,000 images held out of train/, split seed 0 for every run). --train-per-class /
+--test-per-class take the first N files of each class (sorted names) through a folder of symbolic links
+under --work/data (then validation is 10% of what is left).
 """
 
 from __future__ import annotations
@@ -40,23 +43,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-CIFAR_MEAN, CIFAR_STD = "[0.4914,0.4822,0.4465]", "[0.2470,0.2435,0.2616]"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for every run and the results")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 as train/ and val/ class folders")
-    p.add_argument("--teacher", default="cifar_resnet20", help="a CIFAR ResNet of kdtool's zoo (cifar_resnet20/32/56)")
+    p.add_argument("--teacher", default=None, help="a CIFAR ResNet of kdtool's zoo (default: the recipe's cifar_resnet20)")
     p.add_argument("--target", type=float, default=0.3, help="share of the teacher's MACs the pruned model may keep")
     p.add_argument("--importance", default="magnitude", help="prune.importance (magnitude, taylor, lamp, ...)")
     p.add_argument("--prune-steps", type=int, default=1, help="prune.steps (1: one shot)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="recovery seeds (one teacher, seed 0)")
-    p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--teacher-lr", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=15, help="recovery epochs (distillation and fine-tuning alike)")
-    p.add_argument("--lr", type=float, default=0.01, help="recovery learning rate (SGD, cosine)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default: the recipe's (15)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="recovery epochs, distillation and fine-tuning alike (default: the recipe's student budget, 8)")
+    p.add_argument("--lr", type=float, default=None, help="recovery peak learning rate (default: the recipe's, 0.1)")
     p.add_argument("--train-per-class", type=int, default=None, help="first N training images of each class (all: none)")
     p.add_argument("--test-per-class", type=int, default=None, help="first N test images of each class (all: none)")
     p.add_argument("--train-batches", type=int, default=None, help="limit_train_batches: batches per epoch")
@@ -129,17 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     # every stage: threads and limits; prune, export and evaluate read the data set from the checkpoints
     common = ["plots=false", *([f"threads={args.threads}"] if args.threads else []),
               *([f"limit_eval_batches={args.eval_batches}"] if args.eval_batches else [])]
-    train = ["train.progress=false", f"train.batch_size={args.batch_size}", "optimizer=sgd", "scheduler=cosine",
-             "train.weight_decay=5e-4", *([f"limit_train_batches={args.train_batches}"] if args.train_batches else [])]
-    # the images' own folder, their size and CIFAR's statistics, with random crops and flips for training
-    data = ["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=[32,32]", f"dataset.mean={CIFAR_MEAN}",
-            f"dataset.std={CIFAR_STD}", "dataset.augment={crop_padding:4,hflip:true}"]
+    train = ["train.progress=false", *([f"limit_train_batches={args.train_batches}"] if args.train_batches else [])]
+    # the project's CIFAR-10 recipe (configs/experiment/cifar10_kd.yaml) on these images
+    data = ["experiment=cifar10_kd", f"dataset.root={root}"]
+    if root != args.data.resolve():
+        data.append("dataset.val_size=0.1")  # 5,000 held-out images would leave a small subset nothing to train on
     speed = (["speed.batch1_runs=5", "speed.throughput_runs=3", "speed.min_seconds=0.2"] if args.quick else
              ["speed.batch1_runs=100", "speed.throughput_runs=30", "speed.min_seconds=2"])
 
     teacher = work / "teacher" / "best.pt"
-    run(["train-teacher", *data, *common, *train, f"teacher.name={args.teacher}", "teacher.kwargs={}",
-         f"train.epochs={args.teacher_epochs}", f"train.lr={args.teacher_lr}", "seed=0"], work / "teacher", teacher)
+    run(["train-teacher", *data, *common, *train, "seed=0",
+         *([f"teacher.name={args.teacher}"] if args.teacher else []),
+         *([f"train.epochs={args.teacher_epochs}"] if args.teacher_epochs else [])], work / "teacher", teacher)
     pruned = work / "prune" / "pruned.pt"
     run(["prune", f"checkpoint={teacher}", f"prune.target_macs={args.target}", f"prune.importance={args.importance}",
          f"prune.steps={args.prune_steps}", *common, *speed],
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     for s in args.seeds:
         rec = work / "recover" / f"seed_{s}"
         run(["distill", *data, *common, *train, f"student.checkpoint={pruned}", f"teacher.checkpoint={teacher}",
-             "baseline=true", f"seed={s}", f"train.epochs={args.epochs}", f"train.lr={args.lr}"],
+             "baseline=true", f"seed={s}", *([f"train.epochs={args.epochs}"] if args.epochs else []),
+             *([f"train.lr={args.lr}"] if args.lr else [])],
             rec, rec / "baseline" / "results.json")
         run(["export", f"checkpoint={rec / 'best.pt'}", "formats=[onnx,onnx_int8]", "int8.allow_drop=true",
              f"int8.calibration_images={args.calibration_images}", f"seed={s}", *common],
