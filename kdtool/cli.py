@@ -19,7 +19,8 @@ STAGES = {
     "train-teacher": ("train_teacher", "train (or fine-tune) the teacher with cross-entropy"),
     "distill": ("distill", "distil a teacher checkpoint into a student"),
     "evaluate": ("evaluate", "compare checkpoints: accuracy, calibration, agreement, size, MACs, latency"),
-    "export": ("export", "write TorchScript, ONNX and safetensors, each verified"),
+    "export": ("export", "write TorchScript, ONNX (fp32, int8) and safetensors, each verified"),
+    "prune": ("prune", "remove channels of a trained model to a MACs or parameter target (Torch-Pruning)"),
     "pipeline": ("pipeline", "all of the above on the default config, with a student-alone baseline"),
 }
 
@@ -78,6 +79,10 @@ def run_export(cfg: DictConfig) -> Any:
 
 def run_pipeline(cfg: DictConfig) -> Any:
     return _run("pipeline", cfg)
+
+
+def run_prune(cfg: DictConfig) -> Any:
+    return _run("prune", cfg)
 
 
 TASKS: dict[str, Callable[[DictConfig], Any]] = {

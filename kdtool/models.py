@@ -21,7 +21,7 @@ from kdtool import cifar_models  # noqa: F401  (registers the CIFAR zoo, cifar_*
 from kdtool.errors import KdtoolError
 
 __all__ = ["KdMLP", "KdCNN", "create_model", "rebuild_model", "check_model_name", "check_model_kwargs", "check_spec",
-           "count_parameters"]
+           "count_parameters", "pruned_record", "apply_pruned_record"]
 
 
 class KdMLP(nn.Module):
@@ -172,8 +172,8 @@ def check_model_name(name: str, setting: str = "model name") -> None:
     raise KdtoolError(f"unknown model '{name}': {hint}")
 
 
-# What `create_model` records, and so all a checkpoint may say about its model.
-SPEC_KEYS = ("name", "num_classes", "in_chans", "kwargs")
+# What `create_model` records (and `kdtool prune` adds: "pruned"), and so all a checkpoint may say about its model.
+SPEC_KEYS = ("name", "num_classes", "in_chans", "kwargs", "pruned")
 # Arguments of timm.create_model / build_model_with_cfg that load weights or configs from a file, a URL or the hub
 # (with any other key starting with 'pretrained'): never taken from a config's kwargs or a checkpoint.
 LOADING_KEYS = frozenset({"checkpoint_path", "cache_dir", "feature_cfg", "model_cfg", "kwargs_filter"})
@@ -227,6 +227,8 @@ def check_spec(spec: Any, where: str = "the checkpoint") -> None:
         if not isinstance(kwargs, Mapping):
             raise KdtoolError(f"its model kwargs are a {type(kwargs).__name__}, not a mapping")
         check_model_kwargs(kwargs, setting="its model kwargs")
+        if spec.get("pruned") is not None:
+            check_pruned_record(spec["pruned"])
     except KdtoolError as e:
         raise refuse(str(e)) from None
 
@@ -307,12 +309,126 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def rebuild_model(spec: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a model (random weights) from the spec `create_model` returned; any other spec is refused."""
+    """Rebuild a model (random weights) from the spec `create_model` (or `kdtool prune`) recorded; any other spec
+    is refused."""
     check_spec(spec)
-    return timm.create_model(
+    net = timm.create_model(
         spec["name"], pretrained=False, num_classes=spec["num_classes"],
         in_chans=spec["in_chans"], **dict(spec.get("kwargs") or {}),
     )
+    if spec.get("pruned"):
+        try:
+            apply_pruned_record(net, spec["pruned"])
+        except KdtoolError as e:
+            raise KdtoolError(f"refusing to build the pruned {spec['name']}: {e}; only load checkpoints that kdtool "
+                              "wrote") from None
+    return net
+
+
+# ---------------------------------------------------------------- pruned architectures
+#
+# A pruned network (kdtool prune) is its unpruned timm architecture with fewer channels. The spec's "pruned"
+# record says, per module name, the whole-number attributes that changed (out_channels, num_features,
+# in_features, ...) and the new shapes of the module's own parameters and buffers. Only numbers: rebuilding
+# runs no code from the file and reads no other file, and the weights still load strictly.
+
+_RECORD_PARTS = ("attrs", "shapes")
+_MAX_RANK = 8
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _int_attr(value: Any) -> bool:
+    """An attribute a pruning record may change: a whole number, or a short tuple or list of them."""
+    if isinstance(value, (tuple, list)):
+        return 0 < len(value) <= _MAX_RANK and all(_whole(v) for v in value)
+    return _whole(value)
+
+
+def check_pruned_record(record: Any) -> None:
+    """Refuse a pruning record that is not {module name: {"attrs": {name: ints}, "shapes": {name: [dims]}}}."""
+    if not isinstance(record, Mapping):
+        raise KdtoolError(f"its pruning record is a {type(record).__name__}, not a mapping")
+    for module, change in record.items():
+        if not isinstance(module, str) or not isinstance(change, Mapping):
+            raise KdtoolError(f"its pruning record has an entry {str(module)[:60]!r} that is not a module name and a mapping")
+        extra = [str(k) for k in change if k not in _RECORD_PARTS]
+        if extra:
+            raise KdtoolError(f"its pruning record for '{module}' has the key '{extra[0]}' (only attrs and shapes)")
+        for part in _RECORD_PARTS:
+            items = change.get(part) or {}
+            if not isinstance(items, Mapping):
+                raise KdtoolError(f"its pruning record's {part} for '{module}' are not a mapping")
+            for name, value in items.items():
+                if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                    raise KdtoolError(f"its pruning record names {str(name)[:60]!r} in '{module}', not a public attribute")
+                ok = _int_attr(value) if part == "attrs" else (
+                    isinstance(value, (list, tuple)) and len(value) <= _MAX_RANK and all(_whole(v) for v in value))
+                if not ok:
+                    raise KdtoolError(f"its pruning record gives '{module}'.{name} the value {str(value)[:60]}, "
+                                      "not whole numbers")
+
+
+def apply_pruned_record(net: nn.Module, record: Mapping[str, Any]) -> None:
+    """Shrink an unpruned network to the pruned architecture `record` describes (weights: slices of its own).
+
+    Each named attribute must already hold a whole number (or a tuple of them) and each named tensor must be
+    the module's own parameter or buffer of the same rank and no larger in any dimension: a record can only
+    make layers smaller, never add anything.
+    """
+    check_pruned_record(record)
+    modules = dict(net.named_modules())
+    arch = type(net).__name__
+    for name, change in record.items():
+        module = modules.get(name)
+        if module is None:
+            raise KdtoolError(f"its pruning record names a module '{name}' that {arch} does not have")
+        for attr, value in (change.get("attrs") or {}).items():
+            old = vars(module).get(attr)
+            if not _int_attr(old) or isinstance(old, (tuple, list)) != isinstance(value, (tuple, list)) \
+                    or (isinstance(old, (tuple, list)) and len(old) != len(value)):
+                raise KdtoolError(f"its pruning record sets '{name}'.{attr}, which is no whole-number attribute of "
+                                  f"{type(module).__name__}")
+            setattr(module, attr, type(old)(value) if isinstance(old, (tuple, list)) else int(value))
+        for tensor_name, shape in (change.get("shapes") or {}).items():
+            is_param = tensor_name in module._parameters
+            old = module._parameters.get(tensor_name) if is_param else module._buffers.get(tensor_name)
+            if old is None:
+                raise KdtoolError(f"its pruning record reshapes '{name}'.{tensor_name}, which {type(module).__name__} "
+                                  "does not hold")
+            if len(shape) != old.dim() or any(int(n) > o for n, o in zip(shape, old.shape)):
+                raise KdtoolError(f"its pruning record gives '{name}'.{tensor_name} the shape {list(shape)}, not a "
+                                  f"part of {list(old.shape)}")
+            new = old.detach()[tuple(slice(0, int(n)) for n in shape)].clone()
+            if is_param:
+                module._parameters[tensor_name] = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                module._buffers[tensor_name] = new
+
+
+def pruned_record(base: nn.Module, pruned: nn.Module) -> dict[str, Any]:
+    """What `pruned` changed of `base` (the same architecture, unpruned): the record `apply_pruned_record` reads."""
+    record: dict[str, Any] = {}
+    pruned_modules = dict(pruned.named_modules())
+    for name, module in base.named_modules():
+        other = pruned_modules.get(name)
+        if other is None or type(other) is not type(module):
+            raise ValueError(f"the pruned network has no {type(module).__name__} '{name}': modules were replaced")
+        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(other).items()
+                 if not k.startswith("_") and _int_attr(v) and _int_attr(vars(module).get(k))
+                 and v != vars(module).get(k)}
+        shapes = {}
+        for k, t in [*module._parameters.items(), *module._buffers.items()]:
+            mine = other._parameters.get(k) if k in module._parameters else other._buffers.get(k)
+            if (t is None) != (mine is None):
+                raise ValueError(f"'{name}'.{k} was added or removed by pruning")
+            if t is not None and tuple(mine.shape) != tuple(t.shape):
+                shapes[k] = list(mine.shape)
+        if attrs or shapes:
+            record[name] = {"attrs": attrs, "shapes": shapes}
+    return record
 
 
 def pretrained_normalization(model: nn.Module, in_chans: int) -> tuple[list[float], list[float]] | None:

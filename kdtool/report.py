@@ -38,12 +38,39 @@ def print_evaluation(rows: list[Mapping[str, Any]], title: str) -> None:
 
 def print_export(results: Mapping[str, Mapping[str, Any]], atol: float) -> None:
     """One row per exported file, with its verified difference from the PyTorch model."""
-    table = Table(title=f"exported and verified (max |diff| <= {atol:g})")
-    for h in ("format", "file", "KB", "max |diff|"):
+    table = Table(title=f"exported and verified (max |diff| <= {atol:g}; int8: on test accuracy)")
+    for h in ("format", "file", "KB", "max |diff|", "check"):
         table.add_column(h, justify="right" if h in ("KB", "max |diff|") else "left")
     for fmt, r in results.items():
-        table.add_row(fmt, r["path"], f"{r['bytes'] / 1024:,.0f}", f"{r['max_abs_diff']:.2e}")
+        check = (f"top-1 {r['acc1_int8']:.2f}% vs fp32 {r['acc1_fp32']:.2f}% ({r['acc1_change']:+.2f} points, allowed "
+                 f"-{r['max_drop']:g}), agreement {r['agreement']:.2f}% on {r['test_images']} test images; calibrated "
+                 f"on {r['calibration_images']} training images" if "acc1_int8" in r else "outputs match")
+        table.add_row(fmt, r["path"], f"{r['bytes'] / 1024:,.0f}",
+                      f"{r['max_abs_diff']:.2e}" if "max_abs_diff" in r else "-", check)
     console().print(table)
+
+
+def print_prune(report: Mapping[str, Any], title: str) -> None:
+    """Before and after pruning: parameters, MACs, latency, throughput and accuracy (no recovery yet)."""
+    before, after = report["before"], report["after"]
+    table = Table(title=title)
+    for h in ("", "params", "MACs / image", "ms @1", "img/s @64", "val top-1 %", "test top-1 %", "test errors"):
+        table.add_column(h, justify="left" if not h else "right")
+
+    def row(name: str, r: Mapping[str, Any]) -> list[str]:
+        return [name, f"{r['params']:,}", f"{r['macs']:,}",
+                f"{r['latency_ms_b1']:.3f}" if "latency_ms_b1" in r else "-",
+                f"{r['throughput_ips_b64']:,.0f}" if "throughput_ips_b64" in r else "-",
+                f"{r['val']['acc1']:.2f}", f"{r['test']['acc1']:.2f}", str(r["test"]["errors"])]
+
+    table.add_row(*row("before", before))
+    table.add_row(*row("pruned", after))
+    c = console()
+    c.print(table)
+    kept, target = report["kept"], report["target"]
+    c.print(f"kept {kept['macs']:.1%} of the MACs ({1 - kept['macs']:.1%} removed) and {kept['params']:.1%} of the "
+            f"parameters; target: {target['meaning']} ({report['importance']} importance, {report['steps']} "
+            f"step{'s' if report['steps'] > 1 else ''})")
 
 
 def print_pipeline(rows: list[Mapping[str, Any]], verdict: str) -> None:

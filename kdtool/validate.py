@@ -33,6 +33,14 @@ def validate(cfg: DictConfig) -> None:
         if not cfg.get("checkpoint"):
             raise KdtoolError("export needs a checkpoint: kdtool export checkpoint=PATH")
         _file(cfg.checkpoint, "checkpoint")
+    if stage == "prune":
+        if not cfg.get("checkpoint"):
+            raise KdtoolError("prune needs a checkpoint: kdtool prune checkpoint=runs/train-teacher/<time>/best.pt")
+        _file(cfg.checkpoint, "checkpoint")
+    if stage == "prune" or (stage == "pipeline" and cfg.student.get("pruned")):
+        from kdtool.pruning import settings_from
+
+        settings_from(resolved(cfg.prune) if cfg.get("prune") is not None else {})
     if stage in ("export", "pipeline"):
         from kdtool.export import FILENAMES
 
@@ -40,6 +48,10 @@ def validate(cfg: DictConfig) -> None:
         if unknown or not cfg.formats:
             raise KdtoolError(f"formats={list(cfg.formats)}: choose one or more of {', '.join(FILENAMES)}")
         _positive(cfg, "atol", allow_zero=False)
+        if "onnx_int8" in cfg.formats:
+            from kdtool.export import check_int8
+
+            check_int8(resolved(cfg.int8) if cfg.get("int8") is not None else None)
 
 
 def _training(cfg: DictConfig, stage: str) -> None:
@@ -95,6 +107,8 @@ def _training(cfg: DictConfig, stage: str) -> None:
         checkpoint = cfg.teacher.get("checkpoint")
         if stage == "distill" and checkpoint:
             _file(checkpoint, "teacher checkpoint")
+        if stage == "distill" and cfg.student.get("checkpoint"):
+            _file(cfg.student.checkpoint, "student checkpoint")
 
 
 def _positive(node: Any, key: str, allow_zero: bool = True, prefix: str = "") -> None:

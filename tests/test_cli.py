@@ -21,7 +21,7 @@ from kdtool.stages.common import CLAIM
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 
-STAGES = ["train-teacher", "distill", "evaluate", "export", "pipeline"]
+STAGES = ["train-teacher", "distill", "evaluate", "export", "prune", "pipeline"]
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CKPT_KEYS = {"model", "model_state", "input", "classes", "dataset", "config", "metrics", "role", "stage"}
 

@@ -96,9 +96,15 @@ def claim_folder(out: Path, stage: str) -> None:
 
 
 def build_classifier(model_cfg: Mapping[str, Any], data: Data, device: torch.device) -> tuple[Classifier, dict, dict]:
-    """A fresh (or pretrained) timm model for the data set, behind its input normalisation."""
+    """A fresh (or pretrained) timm model for the data set, behind its input normalisation; with `checkpoint`
+    in `model_cfg`, the model of that kdtool checkpoint (a pruned one too) with its weights and normalisation."""
     if isinstance(model_cfg, DictConfig):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)  # checkpoints hold plain containers only
+    if model_cfg.get("checkpoint"):
+        return _classifier_to_continue(str(model_cfg["checkpoint"]), data, device)
+    if model_cfg.get("pruned"):
+        raise KdtoolError("student=pruned starts from a pruned checkpoint: pass student.checkpoint=runs/prune/<time>/"
+                          "pruned.pt (kdtool prune writes it), or run kdtool pipeline student=pruned")
     net, spec = create_model(
         str(model_cfg["name"]), num_classes=data.num_classes, in_chans=data.in_chans,
         img_size=data.image_size, kwargs=model_cfg.get("kwargs"),
@@ -110,6 +116,18 @@ def build_classifier(model_cfg: Mapping[str, Any], data: Data, device: torch.dev
         mean, std = pretrained_normalization(net, data.in_chans) or (mean, std)
     norm = {"in_chans": data.in_chans, "image_size": list(data.image_size), "mean": list(mean), "std": list(std)}
     return Classifier(net, mean, std).to(device), spec, norm
+
+
+def _classifier_to_continue(path: str, data: Data, device: torch.device) -> tuple[Classifier, dict, dict]:
+    """A model to train further from a kdtool checkpoint: its architecture, weights and normalisation."""
+    ckpt = load_checkpoint(path)
+    reason = teacher_misfit(ckpt, data)
+    if reason is not None:
+        raise KdtoolError(f"checkpoint {path} {reason}; start from a checkpoint trained on this data set's classes")
+    model = classifier_from_checkpoint(ckpt, device).train()
+    log.info(f"starting from the weights of {path} ({'pruned ' if ckpt['model'].get('pruned') else ''}"
+             f"{ckpt['model']['name']}, role {ckpt.get('role', '?')})")
+    return model, dict(ckpt["model"]), dict(ckpt["input"])
 
 
 def classifier_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Classifier:

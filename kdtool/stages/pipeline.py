@@ -15,6 +15,7 @@ from kdtool.stages.common import output_dir, provenance, write_json
 from kdtool.stages.distill import distill
 from kdtool.stages.evaluate import evaluate
 from kdtool.stages.export import export
+from kdtool.stages.prune import prune_for_pipeline
 from kdtool.stages.train_teacher import train_teacher
 from kdtool.tasks import check_temperature
 
@@ -37,17 +38,22 @@ def pipeline(cfg: DictConfig) -> float:
                              train=OmegaConf.merge(cfg.train, OmegaConf.to_container(cfg.teacher_train, resolve=True)),
                              dataset=OmegaConf.merge(cfg.dataset, cfg.get("teacher_dataset") or {}))
     train_teacher(teacher_cfg)
-    distill_cfg = _stage_cfg(cfg, "distill", out / "distill", baseline=True)
+    recovery = prune_for_pipeline(cfg, out)  # student=pruned: the students start from the teacher pruned, else {}
+    distill_cfg = _stage_cfg(cfg, "distill", out / "distill", baseline=True, **recovery)
     distill_cfg.teacher.checkpoint = str(out / "train-teacher" / "best.pt")
     val_acc1 = distill(distill_cfg)
     ckpts = [out / "train-teacher" / "best.pt", out / "distill" / "baseline" / "best.pt", out / "distill" / "best.pt"]
+    labels = ["teacher", "student alone", "student distilled"]
+    if recovery:  # and the pruned model before any recovery, last
+        ckpts, labels = ckpts + [out / "prune" / "pruned.pt"], ["teacher", "pruned + fine-tuned", "pruned + distilled",
+                                                                "pruned, no recovery"]
     eval_cfg = _stage_cfg(cfg, "evaluate", out / "evaluate", checkpoints=[str(p) for p in ckpts])
     evaluate(eval_cfg)
-    export(_stage_cfg(cfg, "export", out / "export", checkpoint=str(ckpts[-1])))
+    export(_stage_cfg(cfg, "export", out / "export", checkpoint=str(ckpts[2])))
 
     report = json.loads((out / "evaluate" / "evaluation.json").read_text())
     rows = report["models"]
-    for r, label in zip(rows, ["teacher", "student alone", "student distilled"]):
+    for r, label in zip(rows, labels):
         r["label"] = label
     alone, distilled = rows[1], rows[2]
     gain = distilled["acc1"] - alone["acc1"]
