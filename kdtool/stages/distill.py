@@ -13,11 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdtool.cache import cached_teacher_outputs, check_cacheable
-from kdtool.checkpoints import atomic_write
+from kdtool.checkpoints import atomic_write, save_checkpoint
 from kdtool.datasets import Data, load_data, make_loader
-from kdtool.engine import Classifier, classification_metrics, fit, predict
+from kdtool.engine import Classifier, classification_metrics, fit, predict, set_rng_state
 from kdtool.errors import KdtoolError
-from kdtool.resume import resuming
+from kdtool.resume import resume_training, resuming
 from kdtool.stages.common import (
     build_classifier,
     latest_teacher,
@@ -96,7 +96,7 @@ def _distill_student(cfg: DictConfig, strategies: Mapping[str, Any], teacher: Cl
         if resuming(cfg) and (out / "last.pt").is_file():
             break  # the interrupted run had trained its hints: its last.pt holds them
         if getattr(s, "two_stage", False):  # FitNets' stage 1: hints alone, before the distillation run
-            _train_hints(cfg, s, model, teacher, data, device, out)
+            _train_hints(cfg, s, model, teacher, spec, norm, data, device, out, sample)
     task = DistillTask(model, teacher, strategies, cfg.loss.ce_weight, cfg.temperature, teacher_outputs)
     try:
         return train_model(cfg, task, model, spec, norm, data, device, out, role="student", extra=extra,
@@ -189,23 +189,41 @@ def _generation_row(k: int, teacher: str, summary: Mapping[str, Any]) -> dict[st
             "test_last_acc1": test["last"]["acc1"], "test_last_errors": test["last"]["errors"]}
 
 
-def _train_hints(cfg: DictConfig, strategy: Any, student: Classifier, teacher: Classifier, data: Data,
-                 device: torch.device, out: Path) -> None:
+def _train_hints(cfg: DictConfig, strategy: Any, student: Classifier, teacher: Classifier, spec: dict, norm: dict,
+                 data: Data, device: torch.device, out: Path, sample: torch.Tensor) -> None:
     """FitNets' stage 1: the student's layers up to the hint layer(s) and the adaptors, on the hint loss alone.
 
-    Runs engine.fit for `hint_epochs` with a fresh optimizer and scheduler of the configured kind;
-    metrics go to <out>/hint/metrics.jsonl.
+    Runs engine.fit for `hint_epochs` with a fresh optimizer and scheduler of the configured kind, on this
+    rank's share of the batches (the other layers frozen, see HintTask.hint_layers_only). Like every
+    training it keeps <out>/hint/last.pt (rank 0 writes it after each epoch, and on SIGTERM/SIGINT
+    mid-epoch), so a resumed run continues the hints where they stopped; metrics go to <out>/hint/.
     """
     hint_cfg = cfg.copy()
     with open_dict(hint_cfg):
         hint_cfg.train.epochs = strategy.hint_epochs
-    task = HintTask(student, teacher, strategy)
-    run = prepare_training(hint_cfg, task, data, device)
     folder = Path(out) / "hint"
     folder.mkdir(parents=True, exist_ok=True)
+    task = HintTask(student, teacher, strategy)
     try:
-        fit(task, student, run.train_loader, run.val_loader, run.train_cfg, run.optimizer, run.scheduler,
-            lambda *_: None, folder, title="hint", replicas=run.ranks, on_interrupt=lambda _state: None)
+        with task.hint_layers_only(sample):
+            run = prepare_training(hint_cfg, task, data, device)
+            state = resume_training(folder, spec, student, [strategy], role="hint") if resuming(cfg) else None
+            if state is not None and state["epoch"] >= strategy.hint_epochs and not state.get("partial"):
+                set_rng_state(state["rng"])  # as if the finished hint stage had just run
+                log.info(f"feature_mimicry: the hint stage had finished ({folder / 'last.pt'}); now the distillation run")
+                return
+            base = {"stage": str(cfg.stage), "role": "hint", "model": spec, "input": norm, "classes": data.class_names}
+
+            def save(train_state: dict[str, Any]) -> Path | None:
+                if not run.ranks.is_main:
+                    return None
+                return save_checkpoint(folder / "last.pt", {
+                    **base, "model_state": student.net.state_dict(), "epoch": train_state["epoch"],
+                    "adaptors_state": {strategy.name: strategy.state_dict()}, "train_state": train_state})
+
+            fit(task, student, run.train_loader, run.val_loader, run.train_cfg, run.optimizer, run.scheduler,
+                lambda _epoch, _metrics, _best, train_state: save(train_state), folder, title="hint",
+                is_main=run.ranks.is_main, replicas=run.ranks, resume=state, on_interrupt=save)
     finally:
         task.close()
     log.info(f"feature_mimicry: {strategy.hint_epochs} hint epoch(s) done (metrics in {folder}); "

@@ -3,7 +3,9 @@ regress onto the teacher's."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +106,8 @@ class FeatureMimicry(Strategy):
 class HintTask:
     """FitNets' stage 1 as an engine task: the hint loss alone, same step signature as DistillTask.
 
-    Only layers up to the hint layers receive gradients (the loss does not depend on later ones),
-    so an optimizer over the whole student leaves the rest alone.
+    Only layers up to the hint layers receive gradients (the loss does not depend on later ones);
+    within `hint_layers_only` the others are frozen, so they stay out of the optimizer and of DDP.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, strategy: FeatureMimicry):
@@ -127,6 +129,34 @@ class HintTask:
         out = StepOutputs(s_logits, t_logits, y, 1.0, self.student_taps.pop(), self.teacher_taps.pop())
         loss = self.strategy(out)
         return loss, s_logits, {"hint": loss}
+
+    @contextlib.contextmanager
+    def hint_layers_only(self, sample: torch.Tensor) -> Iterator[list[str]]:
+        """Freeze, while inside, the student's parameters the hint loss does not reach; yields their names.
+
+        DDP waits for a gradient of every parameter it holds: the layers after the hint layer(s) would
+        never send one (torchrun stopped in the first steps). One probe step finds which parameters the
+        loss reaches; it runs in eval mode, so no batch-norm statistics move and no random number is drawn.
+        """
+        modules = [self.student, self.strategy]
+        modes = [m.training for m in modules]
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        try:
+            for m in modules:
+                m.eval()
+            loss = self.step(sample, None, None)[0]
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        frozen = [(n, p) for (n, p), g in zip(named, grads) if g is None]
+        for _, p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield [n for n, _ in frozen]
+        finally:
+            for _, p in frozen:
+                p.requires_grad_(True)
 
     def close(self) -> None:
         self.student_taps.remove()
