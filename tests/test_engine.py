@@ -116,7 +116,7 @@ def test_cache_refuses_augmentation_file_data_and_teacher_features(data):
     with pytest.raises(KdtoolError, match="teacher features"):
         check_cacheable(data, None, ["stages.1"])
     files = type(data)("imagefolder", [("a.png", 0)], [], [], ["a"], 3, (8, 8), [0.5] * 3, [0.5] * 3)
-    with pytest.raises(KdtoolError, match="sample indices"):
+    with pytest.raises(KdtoolError, match="needs an in-memory data set; dataset=imagefolder is read from its files"):
         check_cacheable(files, None)
 
 
