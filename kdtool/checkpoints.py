@@ -68,14 +68,21 @@ def atomic_write(path: str | Path, write: Any, what: str = "") -> Path:
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        disk = _disk_error(e)
-        if disk is None:
+        error = disk_write_error(e, path, what, existed)
+        if error is None:
             raise
-        reason = disk.strerror or os.strerror(disk.errno)
-        kept = f" (the previous {path.name} is intact)" if existed and path.exists() else ""
-        raise WriteError(f"cannot write {what + ' ' if what else ''}{path}: {reason}; {_HINTS[disk.errno]}{kept}",
-                         reason) from e
+        raise error from e
     return path
+
+
+def disk_write_error(e: BaseException, path: Path, what: str = "", existed: bool = False) -> WriteError | None:
+    """The one-line WriteError for `e` when it is the disk refusing `path` (full, read-only, ...), else None."""
+    disk = _disk_error(e)
+    if disk is None:
+        return None
+    reason = disk.strerror or os.strerror(disk.errno)
+    kept = f" (the previous {path.name} is intact)" if existed and path.exists() else ""
+    return WriteError(f"cannot write {what + ' ' if what else ''}{path}: {reason}; {_HINTS[disk.errno]}{kept}", reason)
 
 
 def _disk_error(e: BaseException) -> OSError | None:

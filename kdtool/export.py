@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdtool.checkpoints import disk_write_error
 from kdtool.errors import KdtoolError, number
 
 # the ONNX exporter's optimiser passes log every step at INFO; a user only needs our verified table
@@ -128,21 +129,28 @@ def export_model(
     results: dict[str, dict] = {}
     for fmt in dict.fromkeys(formats):  # de-duplicate, keep order
         final = out_dir / FILENAMES[fmt]
-        with _staged(final) as path:
-            if fmt == "torchscript":
-                diff = _torchscript(model, trace_input, example, reference, path)
-            elif fmt == "onnx":
-                diff = _onnx(model, trace_input, example, reference, path)
-            elif fmt == "onnx_int8":
-                if int8 is None:
-                    raise ValueError("the onnx_int8 format needs int8 settings (calibration and test images)")
-                fp32 = results.get("onnx", {}).get("path")
-                check = _onnx_int8(model, trace_input, example, reference, path, int8, atol, fp32)
-            else:
-                diff = _safetensors(model, example, reference, path, rebuild, metadata or {}, weights_of)
-            if fmt != "onnx_int8" and not diff <= atol:  # written this way so that NaN fails too
-                raise ExportVerificationError(fmt, diff, atol)
-            size = sum(f.stat().st_size for f in path.parent.iterdir())  # includes ONNX external data
+        existed = final.exists()
+        try:
+            with _staged(final) as path:
+                if fmt == "torchscript":
+                    diff = _torchscript(model, trace_input, example, reference, path)
+                elif fmt == "onnx":
+                    diff = _onnx(model, trace_input, example, reference, path)
+                elif fmt == "onnx_int8":
+                    if int8 is None:
+                        raise ValueError("the onnx_int8 format needs int8 settings (calibration and test images)")
+                    fp32 = results.get("onnx", {}).get("path")
+                    check = _onnx_int8(model, trace_input, example, reference, path, int8, atol, fp32)
+                else:
+                    diff = _safetensors(model, example, reference, path, rebuild, metadata or {}, weights_of)
+                if fmt != "onnx_int8" and not diff <= atol:  # written this way so that NaN fails too
+                    raise ExportVerificationError(fmt, diff, atol)
+                size = sum(f.stat().st_size for f in path.parent.iterdir())  # includes ONNX external data
+        except Exception as e:  # a full or read-only disk is one line (the staged files are gone); a bug is not
+            error = disk_write_error(e, final, f"the {fmt} export", existed)
+            if error is None:
+                raise
+            raise error from e
         results[fmt] = ({"path": str(final), "bytes": size, **check} if fmt == "onnx_int8"
                         else {"path": str(final), "max_abs_diff": diff, "bytes": size})
     return results
@@ -178,7 +186,8 @@ def _torchscript(
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         # check_trace re-runs the model; our own reload check below is stricter and covers batch 1.
         traced = torch.jit.trace(model, trace_input, check_trace=False)
-        torch.jit.save(traced, str(path))
+        with open(path, "wb") as f:  # through a Python file: a full disk is the disk's OSError, not a C++ one
+            torch.jit.save(traced, f)
         loaded = torch.jit.load(str(path), map_location="cpu")
         return max(_max_diff(loaded(example), reference), _max_diff(loaded(example[:1]), reference[:1]))
 
@@ -224,7 +233,7 @@ def _safetensors(
     weights_of: str | None,
 ) -> float:
     """Save the state_dict, load it strictly into a fresh model from `rebuild()`, and compare outputs."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -236,7 +245,8 @@ def _safetensors(
         # key in the file so that a strict load_state_dict still succeeds.
         tensors[name] = tensor.clone() if key in seen else tensor
         seen.add(key)
-    save_file(tensors, str(path), metadata={"format": "pt", **metadata})  # "format" is what HF loaders expect
+    # "format" is what HF loaders expect; written from Python so that a full disk raises the disk's OSError
+    path.write_bytes(save(tensors, metadata={"format": "pt", **metadata}))
 
     fresh = rebuild()
     (fresh.get_submodule(weights_of) if weights_of else fresh).load_state_dict(load_file(str(path)), strict=True)

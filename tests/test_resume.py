@@ -132,10 +132,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, teacher_ckpt)
 
 
 def test_sigint_stops_a_pipeline_and_resume_true_finishes_it(tmp_path):
-    """resume=true finds the latest pipeline run; the finished teacher is kept, the student continues."""
+    """resume=true finds the latest pipeline run; the finished teacher is kept, the student continues and ends
+    where the same pipeline run without interruption ends."""
     runs = tmp_path / "runs"
-    args = ["pipeline", *BIG_FAKE, *SMALL_TEACHER, *TINY_STUDENT, "teacher_train.epochs=1", "train.epochs=3",
-            "formats=[safetensors]", "speed.enabled=false", f"runs_dir={runs}"]
+    common = ["pipeline", *BIG_FAKE, *SMALL_TEACHER, *TINY_STUDENT, "teacher_train.epochs=1", "train.epochs=3",
+              "formats=[safetensors]", "speed.enabled=false"]
+    args = [*common, f"runs_dir={runs}"]
+    reference = start([*common, f"runs_dir={tmp_path / 'reference'}"], tmp_path)
     proc = start(args, tmp_path)
     while not list(runs.glob("pipeline/*/distill/last.pt")):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -156,6 +159,13 @@ def test_sigint_stops_a_pipeline_and_resume_true_finishes_it(tmp_path):
     history = [json.loads(line) for line in (folder / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert (folder / "distill" / "baseline" / "best.pt").is_file()
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+    (straight,) = (tmp_path / "reference" / "pipeline").iterdir()
+    for sub in ("train-teacher", "distill", "distill/baseline"):
+        assert_same_training(straight / sub / "last.pt", folder / sub / "last.pt")
+    verdicts = [json.loads((f / "pipeline.json").read_text())["verdict"] for f in (straight, folder)]
+    assert verdicts[0] == verdicts[1], "the same test predictions, the same verdict"
 
 
 @pytest.mark.parametrize("case", ["no_such_folder", "nothing_to_resume", "other_model"])

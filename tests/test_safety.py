@@ -318,3 +318,54 @@ def test_create_model_refuses_a_hub_name_and_file_kwargs_itself(timm_spy):
         with pytest.raises(KdtoolError, match=re.escape(key)):
             create_model(name, num_classes=10, in_chans=3, img_size=(32, 32), kwargs=kwargs)
     assert timm_spy == []
+
+
+# ---------------------------------------------------------------- export files
+
+
+_EXPORT_CHILD = """
+import sys, torch
+from pathlib import Path
+from torch import nn
+from kdtool.errors import KdtoolError
+from kdtool.export import export_model
+
+def build():  # about 140,000 weights: every file is over half a megabyte
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 3))
+
+torch.manual_seed(0)
+for fmt in sys.argv[2:]:
+    try:
+        export_model(build().eval(), torch.randn(2, 1, 8, 8), Path(sys.argv[1]), [fmt], rebuild=build)
+    except KdtoolError as e:
+        print(f"kdtool: error: {e}", file=sys.stderr)
+"""
+
+
+def test_a_full_disk_during_export_is_one_line_per_format_and_keeps_the_earlier_files(tmp_path):
+    """A file-size limit makes each exporter's real write fail half way, as a full disk does."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "export"
+    out.mkdir()
+    names = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
+    earlier = {name: f"an earlier export's {name}".encode() for name in names.values()}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-c", _EXPORT_CHILD, str(out), *names], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kdtool:")]
+    assert len(lines) == 3, proc.stderr
+    for line, (fmt, name) in zip(lines, names.items()):
+        assert line.startswith(f"kdtool: error: cannot write the {fmt} export {out / name}: File too large; "
+                               "free space there") and line.endswith(f"(the previous {name} is intact)"), line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier, "earlier files byte for byte, nothing staged left"

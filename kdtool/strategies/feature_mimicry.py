@@ -13,6 +13,7 @@ from kdtool.errors import KdtoolError
 from kdtool.features import FeatureTaps, net_of, shape_text
 from kdtool.losses import feature_mimicry_loss
 from kdtool.strategies.base import PreStage, StepOutputs, Strategy, parse_pairs, register_strategy, resolve_stage
+from kdtool.strategies.feature_maps import StageTask
 
 log = logging.getLogger("kdtool")
 
@@ -40,7 +41,7 @@ class FeatureMimicry(Strategy):
     Adaptors train with the student (they are saved as `adaptors_state`, never exported).
 
     `two_stage: true` first trains the student up to the hint layer(s) and the adaptors on this
-    loss alone for `hint_epochs` (FitNets' stage 1: `pre_stage`, a HintTask in <run>/hint/), then
+    loss alone for `hint_epochs` (FitNets' stage 1: `pre_stage`, in <run>/hint/), then
     runs the normal distillation, in which
     this term keeps `weight` (set weight=0 for FitNets' stage 2 of soft targets and CE only).
     """
@@ -85,7 +86,9 @@ class FeatureMimicry(Strategy):
         self.student_taps, self.teacher_taps = s_names, t_names
 
     def pre_stage(self, student, teacher):
-        return PreStage("hint", self.hint_epochs, HintTask(student, teacher, self)) if self.two_stage else None
+        if not self.two_stage:
+            return None
+        return PreStage("hint", self.hint_epochs, StageTask(student, teacher, self, "hint", self))
 
     def forward(self, out: StepOutputs) -> torch.Tensor:
         total = None
@@ -102,35 +105,3 @@ class FeatureMimicry(Strategy):
             term = feature_mimicry_loss(s, t.to(s.dtype))
             total = term if total is None else total + term
         return total
-
-
-class HintTask:
-    """FitNets' stage 1 as an engine task: the hint loss alone, same step signature as DistillTask.
-
-    Only layers up to the hint layers receive gradients (the loss does not depend on later ones),
-    so an optimizer over the whole student leaves the rest alone.
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, strategy: FeatureMimicry):
-        self.student, self.teacher, self.strategy = student, teacher, strategy
-        self.student_taps = FeatureTaps(net_of(student), strategy.student_taps)
-        self.teacher_taps = FeatureTaps(net_of(teacher), strategy.teacher_taps)
-
-    def trainable(self) -> list[nn.Module]:
-        return [self.student, self.strategy]
-
-    def start_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
-        self.teacher.eval()
-        return {}
-
-    def step(self, x, y, idx):
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        s_logits = self.student(x)
-        out = StepOutputs(s_logits, t_logits, y, 1.0, self.student_taps.pop(), self.teacher_taps.pop())
-        loss = self.strategy(out)
-        return loss, s_logits, {"hint": loss}
-
-    def close(self) -> None:
-        self.student_taps.remove()
-        self.teacher_taps.remove()
