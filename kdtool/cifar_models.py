@@ -136,7 +136,7 @@ class CifarResNet(_CifarNet):
                  in_chans: int = 3, img_size: Any = None, **_: Any):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
-            raise KdtoolError(f"a CIFAR ResNet's depth is 6n+2 (8, 20, 32, 56, 110), got {depth}")
+            raise KdtoolError(f"a CIFAR ResNet's depth is 6n+2 (8, 14, 20, 32, 56, 110), got {depth}")
         if len(widths) != 4:
             raise KdtoolError(f"a CIFAR ResNet takes 4 widths (stem and 3 stages), got {list(widths)}")
         n = (depth - 2) // 6
@@ -570,6 +570,12 @@ def _build(cls: type[nn.Module], name: str, pretrained: bool, kwargs: dict[str, 
 def cifar_resnet8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """RepDistiller's resnet8: 1 BasicBlock a stage, widths 16-16-32-64."""
     return _build(CifarResNet, "cifar_resnet8", pretrained, kwargs, depth=8, widths=(16, 16, 32, 64))
+
+
+@_register
+def cifar_resnet14(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """RepDistiller's resnet14: 2 BasicBlocks a stage, widths 16-16-32-64 (a teacher assistant between 20 and 8)."""
+    return _build(CifarResNet, "cifar_resnet14", pretrained, kwargs, depth=14, widths=(16, 16, 32, 64))
 
 
 @_register

@@ -26,6 +26,7 @@ from kdtool.models import count_parameters, create_model, rebuild_model
 
 REFERENCE = {  # RepDistiller name -> (our name, parameters at num_classes=100)
     "resnet8": ("cifar_resnet8", 83_892),
+    "resnet14": ("cifar_resnet14", 181_108),  # resnet8 + one BasicBlock a stage: (278,324 - 83,892) / 2
     "resnet20": ("cifar_resnet20", 278_324),
     "resnet32": ("cifar_resnet32", 472_756),
     "resnet56": ("cifar_resnet56", 861_620),
