@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # run as a file or imported: the sibling helper below
+from subset_folder import link_subset  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 
 
@@ -109,13 +112,7 @@ def subset(data: Path, work: Path, train: int | None, test: int | None) -> Path:
     if train is None and test is None:
         return data
     root = work / "data" / f"train{train or 'all'}_test{test or 'all'}"
-    for part, n in (("train", train), ("val", test)):
-        for cls in sorted(p for p in (data / part).iterdir() if p.is_dir()):
-            dst = root / part / cls.name
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in sorted(cls.iterdir())[: n or None]:
-                if not (dst / f.name).exists():
-                    os.symlink(f.resolve(), dst / f.name)
+    link_subset(data, root, {"train": train, "val": test})
     return root
 
 

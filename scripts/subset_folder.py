@@ -15,6 +15,28 @@ from pathlib import Path
 IMAGES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def link_subset(source: Path, dest: Path, per_class: dict[str, int | None]) -> int:
+    """Link the first N images (sorted by name) of each class of each split into dest; the number linked.
+
+    `per_class` maps a split (train, val, test) to N, or None for all of its images; splits `source` lacks are
+    skipped. Links already there are kept, so a second call with the same sizes reuses the folder.
+    """
+    total = 0
+    for part, n in per_class.items():
+        src = source / part
+        if not src.is_dir():
+            continue
+        for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+            files = sorted(f for f in cls.iterdir() if f.suffix.lower() in IMAGES)[:n]
+            out = dest / part / cls.name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                if not (out / f.name).exists():
+                    (out / f.name).symlink_to(f.resolve())
+            total += len(files)
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", type=Path, help="a folder holding train/<class>/ and val/<class>/ (and maybe test/)")
@@ -24,21 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.dest.exists():
         raise SystemExit(f"{args.dest} exists; give a new folder")
-    total = 0
-    for part in ("train", "val", "test"):
-        src = args.source / part
-        if not src.is_dir():
-            continue
-        per_class = args.train if part == "train" else args.val
-        for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-            files = sorted(f for f in cls.iterdir() if f.suffix.lower() in IMAGES)[:per_class]
-            out = args.dest / part / cls.name
-            out.mkdir(parents=True)
-            for f in files:
-                (out / f.name).symlink_to(f.resolve())
-            total += len(files)
+    total = link_subset(args.source, args.dest, {"train": args.train, "val": args.val, "test": args.val})
     print(f"{args.dest}: {total} images linked from {args.source}")
-
 
 if __name__ == "__main__":
     main()
