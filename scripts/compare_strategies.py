@@ -190,6 +190,7 @@ class Runner:
         self.work, self.common, self.dry_run, self.reuse = work, common, dry_run, reuse
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.commands: list[str] = []
+        self.max_load = 0.0  # the 1-minute load average, before and after each run: were the cores shared?
         self.cost_file = work / "cost.json"  # name -> wall_s, peak_rss_mib; kept for --reuse
         self.cost: dict[str, dict] = json.loads(self.cost_file.read_text()) if self.cost_file.is_file() else {}
 
@@ -214,6 +215,7 @@ class Runner:
             print(f"  {name}: reused from {where}", flush=True)
             return where
         log = self.work / "logs" / f"{name}.log"
+        self.max_load = max(self.max_load, os.getloadavg()[0])
         t0 = time.perf_counter()
         print(f"  {name}: started", flush=True)
         with open(log, "w") as f:
@@ -221,6 +223,7 @@ class Runner:
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = rc = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
+        self.max_load = max(self.max_load, os.getloadavg()[0])
         if rc != 0:
             tail = "\n".join(log.read_text().splitlines()[-15:])
             raise SystemExit(f"compare_strategies: {name} failed (exit {rc}); {log}:\n{tail}")
@@ -341,7 +344,11 @@ def markdown(summary: dict) -> str:
               "are those of both.", ""]
     if summary["skipped"]:
         lines += ["Not run on this pair:", ""] + [f"- {m}: {why}" for m, why in summary["skipped"].items()] + [""]
-    lines += ["## What the numbers show", "", *notes(rows), "",
+    busy = h.get("max_load", 0) > h.get("cpus", math.inf)
+    lines += ["## What the numbers show", "", *notes(rows), *([
+        f"- The load average reached {h['max_load']:.1f} on {h['cpus']} CPUs during the runs: other processes "
+        "shared the cores, so the epoch-time ratios and wall times are unreliable (accuracies are not affected)."]
+        if busy else []), "",
               f"Command: `{summary['command']}`. Run folders: `{summary['work']}`.", "",
               "<details><summary>kdtool commands</summary>", "", *[f"    {c}" for c in summary["commands"]], "",
               "</details>", ""]
@@ -489,7 +496,10 @@ def main() -> None:
     if args.teacher is not None:
         teacher_text += ("; trained before this comparison, on its own data and hold-out (on a subset, some of "
                          "this run's validation images may have been in its training set; test images never were)")
-    config = json.loads((work / "soft_targets" / "0" / "results.json").read_text())["provenance"].get("config", {})
+    provenance = json.loads((work / "soft_targets" / "0" / "results.json").read_text())["provenance"]
+    config, sizes = provenance.get("config", {}), provenance.get("data", {})
+    if all(k in sizes for k in ("train", "val", "test")):
+        data_text += f": {sizes['train']:,} training / {sizes['val']:,} validation / {sizes['test']:,} test images"
     student_name = (config.get("student") or {}).get("name", " ".join(setup.student))
     minutes = (time.perf_counter() - t_start) / 60
     summary = {
@@ -498,7 +508,7 @@ def main() -> None:
                    "recipe": setup.recipe, "seeds": args.seeds, "test_n": soft[0]["n"],
                    "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {jobs} process(es) at a time with "
                               f"{threads} thread(s) each, load average {os.getloadavg()[0]:.1f} at the end",
-                   "minutes": minutes},
+                   "minutes": minutes, "max_load": runner.max_load, "cpus": os.cpu_count()},
         "rows": rows, "skipped": setup.skip,
         "command": shlex.join(["python", "scripts/compare_strategies.py", *sys.argv[1:]]),
         "work": str(work), "commands": runner.commands,
