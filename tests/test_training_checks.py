@@ -300,7 +300,8 @@ def test_the_hint_stage_trains_the_hint_layers_only_and_restores_the_rest():
 
     data = load_data(DATA, seed=0)
     student, teacher = tiny_cnn(data, seed=1), tiny_cnn(data, seed=2, fc_dim=32).eval().requires_grad_(False)
-    fm = build_strategies({"feature_mimicry": {"pairs": [0], "two_stage": True, "hint_epochs": 1}})["feature_mimicry"]  # stages.0 of each
+    hints = {"pairs": [0], "two_stage": True, "hint_epochs": 1}  # stages.0 of each
+    fm = build_strategies({"feature_mimicry": hints})["feature_mimicry"]
     sample = data.train.images[:8].float() / 255
     fm.setup(student, teacher, sample)
     student.train()
