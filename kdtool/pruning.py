@@ -140,21 +140,31 @@ def unsupported_layer(net: nn.Module, example: torch.Tensor, seconds: float | No
 ANALYSIS_SECONDS = 120.0
 
 
+class _OutOfTime(BaseException):
+    """Raised by the alarm: a BaseException, so that no `except Exception` inside the library swallows it."""
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float, what: str):
-    """Stop the block with a KdtoolError after `seconds` of wall time (main thread, where SIGALRM exists; else none)."""
+    """Stop the block with a KdtoolError after `seconds` of wall time (main thread, where SIGALRM exists; else none).
+
+    The alarm repeats every second after the first, in case a handler inside the library catches even a
+    BaseException once.
+    """
     if seconds <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(_signum, _frame):
-        raise KdtoolError(f"cannot prune: {what} did not finish in {seconds:.0f} s (channel splits and shuffles make "
-                          "its coupled groups explode); prune another model")
+        raise _OutOfTime
 
     previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
+    except _OutOfTime:
+        raise KdtoolError(f"cannot prune: {what} did not finish in {seconds:.0f} s (channel splits and shuffles make "
+                          "its coupled groups explode); prune another model") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
