@@ -70,7 +70,7 @@ def map_pairs(name: str, student: nn.Module, teacher: nn.Module, sample: torch.T
     """
     need_teacher(name, teacher)
     s_net, t_net = net_of(student), net_of(teacher)
-    setting = f"strategies.{name}.pairs"
+    setting, method = f"strategies.{name}.pairs", name.replace("_", " ")
     if specs is not None:
         s_names = [resolve_stage(s_net, s, "student", f"{setting}[{i}].student") for i, (s, _) in enumerate(specs)]
         t_names = [resolve_stage(t_net, t, "teacher", f"{setting}[{i}].teacher") for i, (_, t) in enumerate(specs)]
@@ -79,7 +79,7 @@ def map_pairs(name: str, student: nn.Module, teacher: nn.Module, sample: torch.T
             for n in names:
                 if feats[n].dim() != 4:
                     raise KdtoolError(
-                        f"{name} needs conv feature maps (N, C, H, W), but the {who}'s '{n}' gives shape "
+                        f"{method} needs conv feature maps (N, C, H, W), but the {who}'s '{n}' gives shape "
                         f"{tuple(feats[n].shape)}; pick spatial stages in {setting}"
                     )
     else:
@@ -91,7 +91,7 @@ def map_pairs(name: str, student: nn.Module, teacher: nn.Module, sample: torch.T
             if not maps:
                 shapes = ", ".join(f"{n} {tuple(feats[n].shape)}" for n in feats)
                 raise KdtoolError(
-                    f"{name} needs conv feature maps (N, C, H, W), but the {who} ({type(net).__name__}) has none "
+                    f"{method} needs conv feature maps (N, C, H, W), but the {who} ({type(net).__name__}) has none "
                     f"among its feature stages ({shapes}); use a convolutional network or an embedding strategy "
                     "(rkd, pkt, cc, crd work on the pre-logits)"
                 )
