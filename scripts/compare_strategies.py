@@ -403,6 +403,8 @@ def main() -> None:
                         help="the teacher's epochs when trained here (default: 2 on MNIST, the recipe's on CIFAR-10)")
     parser.add_argument("--epochs", type=int, default=3, help="every student's epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each method: one multirun over them)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each kdtool process (default: cores / jobs); fewer leaves cores to other work")
     parser.add_argument("--jobs", type=int, default=None,
                         help="kdtool processes at a time, each with cores/jobs threads (default: 2 on MNIST, 1 on "
                              "CIFAR-10, where one process with every core is faster and times are cleaner)")
@@ -441,7 +443,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     data, data_text = data_overrides(args, work)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     common = [*data, "train.progress=false", f"threads={threads}", *args.override]
     runner = Runner(work, common, dry_run=args.dry_run, reuse=len(args.seeds) if args.reuse else 0)
     print(f"compare_strategies: {data_text}; runs in {work}", flush=True)

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""How much faster kdtool's int8 ONNX export runs than its fp32 ONNX export on this CPU, and what bounds it.
+
+Three measurements, each a ratio against fp32 timed in the same process (the two models in turns, median of
+--rounds rounds of --repeats batches):
+
+  1. models:  CIFAR ResNet-20 at several widths (random weights; speed does not depend on their values), each
+              exported by kdtool's own export_model to `onnx` and `onnx_int8` (QDQ, int8 weights per channel,
+              uint8 activations calibrated on random images); widths 8-8-17-35 are those prune_cifar10.py's pruned
+              model keeps (28% of the MACs), 8-8-16-32 the same rounded to multiples of 8 (prune.round_to=8), 16-16-32-64
+              the unpruned resnet20. Also --pair FP32 INT8: two files
+              kdtool exported (e.g. runs of prune_cifar10.py).
+  2. where the int8 time goes: onnxruntime's profile of the narrowest int8 model, by operator.
+  3. the ceiling: one 1024x1024x1024 matrix product, MatMul (fp32) against MatMulInteger (uint8 x int8), the
+              kernel int8 convolutions reduce to when they are wide enough to fill it.
+
+  python scripts/int8_speed.py                                   # writes docs/int8_speed.md and .json
+  python scripts/int8_speed.py --pair runs/pc/export/seed_0/model.onnx runs/pc/export/seed_0/model.int8.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WIDTHS = {"pruned resnet20 (8-8-17-35)": (8, 8, 17, 35), "the same, channels rounded to 8 (8-8-16-32)": (8, 8, 16, 32),
+          "resnet20 (16-16-32-64)": (16, 16, 32, 64),
+          "resnet20 x2 (32-32-64-128)": (32, 32, 64, 128), "resnet20 x4 (64-64-128-256)": (64, 64, 128, 256)}
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "cpu"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "cpu")
+    vnni = any(line.startswith("flags") and "avx512_vnni" in line.split() for line in lines)
+    return name + (", AVX-512 VNNI" if vnni else "")
+
+
+def session(path: str, threads: int, profile: bool = False):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = profile
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def throughputs(paths: list[str], batch: int, threads: int, rounds: int, repeats: int) -> list[float]:
+    """Images per second of each ONNX file, timed in turns so that a change in the machine's load hits all alike."""
+    sessions = [session(p, threads) for p in paths]
+    x = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(3):
+            s.run(None, f)
+    seen: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            for _ in range(repeats):
+                s.run(None, f)
+            seen[i].append(batch * repeats / (time.perf_counter() - t))
+    return [statistics.median(v) for v in seen]
+
+
+def export_pair(widths: tuple[int, ...], folder: Path) -> tuple[str, str]:
+    from kdtool.cifar_models import CifarResNet
+    from kdtool.export import Int8Settings, export_model
+
+    torch.manual_seed(0)
+    net = CifarResNet(depth=20, widths=widths, num_classes=10).eval()
+    images = torch.rand(256, 3, 32, 32)
+    settings = Int8Settings(calibration=lambda: images.split(64), test=lambda: [(images, torch.zeros(256).long())],
+                            allow_drop=True)
+    out = export_model(net, images[:8], folder, ["onnx", "onnx_int8"], rebuild=lambda: net, int8=settings)
+    return out["onnx"]["path"], out["onnx_int8"]["path"]
+
+
+def int8_profile(path: str, batch: int, threads: int) -> dict[str, float]:
+    """Share (%) of the int8 model's kernel time by operator, from onnxruntime's profiler."""
+    s = session(path, threads, profile=True)
+    feed = {s.get_inputs()[0].name: np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)}
+    for _ in range(20):
+        s.run(None, feed)
+    trace = Path(s.end_profiling())
+    per_op: collections.Counter = collections.Counter()
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    trace.unlink()
+    total = sum(per_op.values())
+    return {op: round(100.0 * t / total, 1) for op, t in per_op.most_common()}
+
+
+def gemm_ceiling(threads: int, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    rates = {}
+    for kind in ("fp32", "int8"):
+        if kind == "int8":
+            w, x = rng.integers(-127, 128, (n, n)).astype(np.int8), rng.integers(0, 256, (n, n)).astype(np.uint8)
+            node, types = helper.make_node("MatMulInteger", ["x", "w"], ["y"]), (TensorProto.UINT8, TensorProto.INT32)
+        else:
+            w, x = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+            node, types = helper.make_node("MatMul", ["x", "w"], ["y"]), (TensorProto.FLOAT, TensorProto.FLOAT)
+        graph = helper.make_graph([node], kind, [helper.make_tensor_value_info("x", types[0], [n, n])],
+                                  [helper.make_tensor_value_info("y", types[1], [n, n])], [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
+            f.write(model.SerializeToString())
+        s = session(f.name, threads)
+        os.unlink(f.name)
+        for _ in range(2):
+            s.run(None, {"x": x})
+        t = time.perf_counter()
+        for _ in range(repeats):
+            s.run(None, {"x": x})
+        rates[kind] = 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", nargs=2, metavar=("FP32", "INT8"), help="two ONNX files kdtool exported, timed as well")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--gemm-size", type=int, default=1024, help="n of the n x n x n matrix product (the ceiling)")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "int8_speed.md")
+    args = p.parse_args(argv)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kdtool-int8-speed.") as tmp:
+        pairs = {name: export_pair(w, Path(tmp) / str(i)) for i, (name, w) in enumerate(WIDTHS.items())}
+        if args.pair:
+            pairs["--pair " + Path(args.pair[0]).parent.name] = tuple(str(Path(q).resolve()) for q in args.pair)
+        for name, (fp32, int8) in pairs.items():
+            f, q = throughputs([fp32, int8], args.batch, args.threads, args.rounds, args.repeats)
+            rows.append({"model": name, "fp32_ips": f, "int8_ips": q, "ratio": q / f})
+            print(f"{name}: fp32 {f:,.0f} img/s, int8 {q:,.0f} img/s, int8/fp32 {q / f:.2f}", flush=True)
+        profile = int8_profile(next(iter(pairs.values()))[1], args.batch, args.threads)
+    print(f"int8 kernel time by operator ({next(iter(pairs))}): {profile}", flush=True)
+    gemm = gemm_ceiling(args.threads, args.gemm_size)
+    print(f"{args.gemm_size}^3 matrix product: fp32 {gemm['fp32']:.0f} GFLOP/s, uint8 x int8 {gemm['int8']:.0f} GOP/s, "
+          f"int8/fp32 {gemm['int8'] / gemm['fp32']:.2f}", flush=True)
+
+    import onnxruntime
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_name()}), onnxruntime "
+               f"{onnxruntime.__version__}, {args.threads} thread(s), batch {args.batch}")
+    lines = ["# int8 against fp32 ONNX on this CPU\n", f"{machine}; `python scripts/int8_speed.py`.\n",
+             "| model | fp32 ONNX img/s | int8 ONNX img/s | int8 / fp32 |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['fp32_ips']:,.0f} | {r['int8_ips']:,.0f} | {r['ratio']:.2f} |" for r in rows]
+    lines += ["", f"int8 kernel time by operator, {next(iter(pairs))}: "
+              + ", ".join(f"{op} {share}%" for op, share in profile.items()),
+              "", f"One {args.gemm_size}x{args.gemm_size}x{args.gemm_size} matrix product: fp32 {gemm['fp32']:.0f} "
+              f"GFLOP/s, uint8 x int8 {gemm['int8']:.0f} GOP/s: **{gemm['int8'] / gemm['fp32']:.2f}x**, the int8 speed-up this CPU can give when the layers "
+              "are wide enough."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "models": rows, "int8_profile": profile,
+                                                        "gemm_gops": gemm, "gemm_size": args.gemm_size}, indent=1) + "\n")
+    print(f"int8_speed: wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

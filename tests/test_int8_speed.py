@@ -1,0 +1,28 @@
+"""scripts/int8_speed.py end to end on one narrow CIFAR ResNet (no timing is asserted): kdtool's own export
+writes the fp32/int8 pair, both are timed, the int8 profile names QLinearConv (the int8 model really runs int8
+convolutions), the GEMM ceiling is measured, and the table and its JSON are written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "int8_speed.py"
+
+
+def test_int8_speed_writes_the_table_from_kdtool_exports(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("int8_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "WIDTHS", {"narrow": (4, 4, 8, 8)})
+    out = tmp_path / "int8.md"
+    assert module.main(["--rounds", "1", "--repeats", "1", "--batch", "4", "--threads", "1", "--gemm-size", "64", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    (row,) = data["models"]
+    assert row["model"] == "narrow" and row["fp32_ips"] > 0 and row["int8_ips"] > 0
+    assert abs(row["ratio"] - row["int8_ips"] / row["fp32_ips"]) < 1e-9
+    assert "QLinearConv" in data["int8_profile"]
+    assert data["gemm_gops"]["fp32"] > 0 and data["gemm_gops"]["int8"] > 0
+    assert "| narrow |" in out.read_text()
