@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"int8 kernel time by operator, {next(iter(pairs))}: "
               + ", ".join(f"{op} {share}%" for op, share in profile.items()),
               "", f"One {args.gemm_size}x{args.gemm_size}x{args.gemm_size} matrix product: fp32 {gemm['fp32']:.0f} "
-              f"GFLOP/s, uint8 x int8 {gemm['int8']:.0f} GOP/s: **{gemm['int8'] / gemm['fp32']:.2f}x**, the int8 speed-up this CPU can give when the layers "
-              "are wide enough."]
+              f"GFLOP/s, uint8 x int8 {gemm['int8']:.0f} GOP/s: **{gemm['int8'] / gemm['fp32']:.2f}x**, the int8 "
+              "speed-up this CPU can give when the layers are wide enough."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "models": rows, "int8_profile": profile,

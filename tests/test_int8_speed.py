@@ -18,7 +18,8 @@ def test_int8_speed_writes_the_table_from_kdtool_exports(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "WIDTHS", {"narrow": (4, 4, 8, 8)})
     out = tmp_path / "int8.md"
-    assert module.main(["--rounds", "1", "--repeats", "1", "--batch", "4", "--threads", "1", "--gemm-size", "64", "--out", str(out)]) == 0
+    args = ["--rounds", "1", "--repeats", "1", "--batch", "4", "--threads", "1", "--gemm-size", "64", "--out", str(out)]
+    assert module.main(args) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     (row,) = data["models"]
     assert row["model"] == "narrow" and row["fp32_ips"] > 0 and row["int8_ips"] > 0
