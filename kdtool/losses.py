@@ -706,13 +706,16 @@ def fsp_matrix(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 def fsp_loss(student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
              teacher_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-             weights: Sequence[float] | None = None) -> torch.Tensor:
+             weights: Sequence[float] | None = None, form: str = "paper") -> torch.Tensor:
     """FSP loss (Yim et al. 2017, eq. 2): 1/N sum_x sum_i lambda_i ||G_i^T(x) - G_i^S(x)||_F^2.
 
     Each pair is (first, second) feature maps; G = fsp_matrix(first, second); lambda_i = `weights` (all 1 by
-    default, the paper's equal weights). The authors published no code; RepDistiller averages the squared
-    differences over the matrix entries instead, torchdistill sums unsquared column norms.
+    default, the paper's equal weights). The authors published no code; `form="code"` is RepDistiller's, which
+    averages the squared differences over the C1 x C2 matrix entries as well (1/(C1 C2) of the paper's form per
+    pair: with 32 x 64 matrices the paper's form is 2048 times larger, too large a step for SGD at lr 0.1 unless
+    the weight is scaled down). torchdistill sums unsquared column norms (not offered).
     """
+    _check_form(form, "fsp_loss")
     student_pairs, teacher_pairs = list(student_pairs), list(teacher_pairs)
     if not student_pairs or len(student_pairs) != len(teacher_pairs):
         raise ValueError(f"fsp_loss needs equal, non-zero numbers of pairs, got {len(student_pairs)} and "
@@ -725,7 +728,8 @@ def fsp_loss(student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
         g_s = fsp_matrix(s1, s2)
         g_t = fsp_matrix(t1.detach(), t2.detach())
         _check_same_shape("fsp_loss (FSP matrices: channels of first x second)", g_s, g_t)
-        total = total + lam * (g_t - g_s).pow(2).sum() / g_s.shape[0]
+        sq = (g_t - g_s).pow(2)
+        total = total + lam * (sq.sum() / g_s.shape[0] if form == "paper" else sq.mean())
     return total
 
 

@@ -220,14 +220,18 @@ def summarise(work: Path, args: argparse.Namespace, evaluation: dict) -> dict:
             "test_images": evaluation["n"], "seeds": args.seeds, "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                                            for k, v in vars(args).items()},
             "prune": {k: prune_report[k] for k in ("importance", "steps", "kept", "library")},
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
 
 
 def markdown(summary: dict) -> str:
     def ms(s: dict, fmt: str) -> str:
         return fmt.format(s["mean"]) + ("" if s["std"] is None else " ± " + fmt.format(s["std"]))
 
-    lines = [f"CIFAR-10 test split ({summary['test_images']:,} images); seeds {summary['seeds']}; {summary['machine']}", "",
+    settings, prune = summary["settings"], summary["prune"]
+    lines = [f"CIFAR-10 test split ({summary['test_images']:,} images); seeds {summary['seeds']}; pruned by "
+             f"{prune['importance']} importance in {prune['steps']} step(s); recovery "
+             f"{settings.get('epochs') or 'the recipe (8)'} epochs; {settings.get('threads') or 'all'} thread(s) in training "
+             f"and timing; {summary['machine']}", "",
              "| model | params | MACs / image | test top-1 % | images/s (batch 64) |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in summary["table"]:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {ms(r['acc1'], '{:.2f}')} | "

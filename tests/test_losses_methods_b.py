@@ -167,6 +167,11 @@ def test_fsp_loss_is_the_squared_frobenius_distance_averaged_over_the_batch():
     assert fsp_loss([(first, s_second)] * 2, [(first, t_second)] * 2).item() == pytest.approx(58.0)
     two = lambda m: torch.cat([m, m])  # noqa: E731
     assert fsp_loss([(two(first), two(s_second))], [(two(first), two(t_second))]).item() == pytest.approx(29.0)
+    # the code's form (RepDistiller) averages over the 2 x 1 matrix entries too: (25 + 4) / 2; batch of two: the same
+    assert fsp_loss([(first, s_second)], [(first, t_second)], form="code").item() == pytest.approx(14.5)
+    assert fsp_loss([(two(first), two(s_second))], [(two(first), two(t_second))], form="code").item() == pytest.approx(14.5)
+    with pytest.raises(ValueError, match="form"):
+        fsp_loss([(first, s_second)], [(first, t_second)], form="mean")
     with pytest.raises(ValueError, match="FSP matrices"):  # 2 x 1 against 1 x 1: other channel counts
         fsp_loss([(first, s_second)], [(s_second, t_second)])
 

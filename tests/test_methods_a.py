@@ -215,6 +215,7 @@ def test_embedding_strategies_refuse_cached_teacher_outputs(tmp_path, runs, teac
     ({"dkd": {"warmup": -1}}, "strategies.dkd.warmup=-1"),
     ({"dkd": {"alpha": -1}}, "strategies.dkd.alpha=-1"),
     ({"rkd": {"form": "papr"}}, "strategies.rkd.form='papr' must be one of paper, code"),
+    ({"fsp": {"form": "mean"}}, "strategies.fsp.form='mean' must be one of paper, code"),
     ({"pkt": {"form": 1}}, "strategies.pkt.form=1"),
     ({"crd": {"nce_k": 0}}, "strategies.crd.nce_k=0"),
     ({"crd": {"momentum": 1.0}}, "strategies.crd.momentum=1.0 must be below 1"),

@@ -13,6 +13,7 @@ from kdtool.features import FeatureTaps, feature_stage_names, net_of, shape_text
 from kdtool.losses import fsp_loss
 from kdtool.strategies.base import PreStage, StepOutputs, Strategy, register_strategy, resolve_stage
 from kdtool.strategies.feature_maps import StageTask
+from kdtool.strategies.taps import choice
 
 log = logging.getLogger("kdtool")
 
@@ -40,15 +41,14 @@ class FlowOfSolutionProcedure(Strategy):
     matrices, `pair_weights` the paper's lambda_i).
 
     The paper's use: stage 1 (`init_epochs`, in <run>/fsp_init/) trains the student on `init_weight` x this
-    loss alone;
-    stage 2, the distillation, has soft targets and CE (`weight` 0; above 0 keeps the term). Default pairs:
+    loss alone; stage 2, the distillation, has soft targets and CE (`weight` 0; above 0 keeps the term). Default pairs:
     each feature stage with the next (the input and output of a group of blocks, the paper's choice), in
     both networks, which must then have as many spatial stages; a student pair's channels must equal the
     teacher pair's (the matrices are compared entry by entry). The maps of a pair may differ in size: the
     larger is average-pooled to the smaller.
     """
 
-    config_keys = frozenset({"weight", "pairs", "pair_weights", "init_epochs", "init_weight"})
+    config_keys = frozenset({"weight", "pairs", "pair_weights", "init_epochs", "init_weight", "form"})
 
     def __init__(self, cfg):
         cfg = {"weight": 0.0, **dict(cfg)}
@@ -56,6 +56,7 @@ class FlowOfSolutionProcedure(Strategy):
         self.pair_specs = _parse_fsp_pairs(self.cfg.get("pairs"), "strategies.fsp.pairs")
         self.init_epochs = int(number(self.cfg.get("init_epochs", 2), "strategies.fsp.init_epochs", 0))
         self.init_weight = number(self.cfg.get("init_weight", 1.0), "strategies.fsp.init_weight", 0, strict=True)
+        self.form = choice(self.cfg.get("form", "paper"), "strategies.fsp.form", ("paper", "code"))
         if not self.weight and not self.init_epochs:
             raise KdtoolError("strategies.fsp has weight 0 and init_epochs 0, so it would do nothing: set init_epochs "
                               ">= 1 (the paper's stage 1) or a weight above 0")
@@ -118,4 +119,5 @@ class FlowOfSolutionProcedure(Strategy):
     def forward(self, out: StepOutputs) -> torch.Tensor:
         s, t = out.student_features, out.teacher_features
         return fsp_loss([(s[a], s[b]) for (a, b), _ in self.pairs],
-                        [(t[c].to(s[a].dtype), t[d].to(s[a].dtype)) for (a, _), (c, d) in self.pairs], self.pair_weights)
+                        [(t[c].to(s[a].dtype), t[d].to(s[a].dtype)) for (a, _), (c, d) in self.pairs], self.pair_weights,
+                        self.form)
