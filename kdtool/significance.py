@@ -97,9 +97,10 @@ def mean_std(values: Sequence[float] | Iterable[float]) -> MeanStd:
     """Mean and sample standard deviation (n - 1) of a metric over seeds.
 
     One value gives std = NaN, not 0: a single seed says nothing about the spread, and 0 would claim
-    there is none. Callers that print "mean ± std" show the mean alone when n = 1. No values: ValueError.
+    there is none. Callers that print "mean ± std" show the mean alone when n = 1. A NaN among the values (a
+    measurement missing for some seed) gives NaN for both. No values: ValueError.
     """
     xs = [float(v) for v in values]
     if not xs:
         raise ValueError("mean_std of no values")
-    return MeanStd(mean=statistics.fmean(xs), std=statistics.stdev(xs) if len(xs) > 1 else math.nan, n=len(xs))
+    return MeanStd(mean=statistics.fmean(xs), std=statistics.stdev(xs) if len(xs) > 1 and not any(map(math.isnan, xs)) else math.nan, n=len(xs))

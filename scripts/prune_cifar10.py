@@ -8,7 +8,8 @@ fp32 ONNX. Every step is the real `kdtool` command, each in its own folder under
   2. prune/            kdtool prune          (to --target of its MACs; the report holds accuracy before recovery)
   3. recover/seed_S/   kdtool distill experiment=cifar10_kd student.checkpoint=prune/pruned.pt
                        teacher.checkpoint=teacher/best.pt baseline=true seed=S (distilled in the folder, fine-tuned
-                       alone in baseline/; the recipe's student budget, 8 epochs, unless --epochs)
+                       alone in baseline/; the recipe's student budget, 8 epochs, unless --epochs;
+                       --override adds Hydra overrides, e.g. +strategy=nst: another term beside soft targets)
   4. export/seed_S/    kdtool export of the distilled model: formats [onnx, onnx_int8] (int8.allow_drop=true:
                        the int8 loss is measured here and judged in step 6, not gated)
   5. evaluate/         one kdtool evaluate over all of them, ONNX files included, so accuracy, MACs and throughput
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None,
                    help="recovery epochs, distillation and fine-tuning alike (default: the recipe's student budget, 8)")
     p.add_argument("--lr", type=float, default=None, help="recovery peak learning rate (default: the recipe's, 0.1)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra Hydra override for the recovery runs, e.g. +strategy=nst (repeatable; the "
+                        "fine-tuned baseline ignores strategies, so only training settings such as train.lr reach it)")
     p.add_argument("--train-per-class", type=int, default=None, help="first N training images of each class (all: none)")
     p.add_argument("--test-per-class", type=int, default=None, help="first N test images of each class (all: none)")
     p.add_argument("--train-batches", type=int, default=None, help="limit_train_batches: batches per epoch")
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         rec = work / "recover" / f"seed_{s}"
         run(["distill", *data, *common, *train, f"student.checkpoint={pruned}", f"teacher.checkpoint={teacher}",
              "baseline=true", f"seed={s}", *([f"train.epochs={args.epochs}"] if args.epochs else []),
-             *([f"train.lr={args.lr}"] if args.lr else [])],
+             *([f"train.lr={args.lr}"] if args.lr else []), *args.override],
             rec, rec / "baseline" / "results.json")
         run(["export", f"checkpoint={rec / 'best.pt'}", "formats=[onnx,onnx_int8]", "int8.allow_drop=true",
              f"int8.calibration_images={args.calibration_images}", f"seed={s}", *common],
@@ -230,8 +234,9 @@ def markdown(summary: dict) -> str:
     settings, prune = summary["settings"], summary["prune"]
     lines = [f"CIFAR-10 test split ({summary['test_images']:,} images); seeds {summary['seeds']}; pruned by "
              f"{prune['importance']} importance in {prune['steps']} step(s); recovery "
-             f"{settings.get('epochs') or 'the recipe (8)'} epochs; {settings.get('threads') or 'all'} thread(s) in training "
-             f"and timing; {summary['machine']}", "",
+             f"{settings.get('epochs') or 'the recipe (8)'} epochs"
+             f"{' (' + ' '.join(settings['override']) + ')' if settings.get('override') else ''}; "
+             f"{settings.get('threads') or 'all'} thread(s) in training and timing; {summary['machine']}", "",
              "| model | params | MACs / image | test top-1 % | images/s (batch 64) |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in summary["table"]:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {ms(r['acc1'], '{:.2f}')} | "

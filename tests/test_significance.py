@@ -86,5 +86,8 @@ def test_mean_std_is_the_sample_standard_deviation():
     # one seed says nothing about the spread: std is NaN (undefined), not 0
     s = mean_std([7.0])
     assert s.mean == 7.0 and s.n == 1 and math.isnan(s.std)
+    # a measurement missing for some seed (NaN) makes both NaN instead of crashing the table
+    s = mean_std([float("nan"), float("nan"), 3.0])
+    assert s.n == 3 and math.isnan(s.mean) and math.isnan(s.std)
     with pytest.raises(ValueError, match="no values"):
         mean_std([])
