@@ -103,4 +103,5 @@ def mean_std(values: Sequence[float] | Iterable[float]) -> MeanStd:
     xs = [float(v) for v in values]
     if not xs:
         raise ValueError("mean_std of no values")
-    return MeanStd(mean=statistics.fmean(xs), std=statistics.stdev(xs) if len(xs) > 1 and not any(map(math.isnan, xs)) else math.nan, n=len(xs))
+    spread = len(xs) > 1 and not any(map(math.isnan, xs))
+    return MeanStd(mean=statistics.fmean(xs), std=statistics.stdev(xs) if spread else math.nan, n=len(xs))
