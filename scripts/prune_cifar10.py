@@ -17,7 +17,8 @@ fp32 ONNX. Every step is the real `kdtool` command, each in its own folder under
   6. a table (mean ± sample std over seeds) and the issue's five targets, each said MET or MISSED, printed and
      written to --work/prune_cifar10.json and prune_cifar10.md
 
-A step whose output is already there is skipped, so an interrupted run continues where it stopped.
+A step whose output is already there is skipped, so an interrupted run continues where it stopped; one that ran
+with other settings (Hydra's record in its folder) stops the script, except the evaluation, which runs again.
 
   python scripts/prune_cifar10.py --work runs/prune_cifar10                  # the full measurement
   python scripts/prune_cifar10.py --work /tmp/pc10 --quick                   # a check that it runs (minutes)
@@ -86,13 +87,48 @@ def kdtool() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "kdtool"]
 
 
-def run(args: list[str], folder: Path, done: Path) -> None:
+IGNORED = ("resume=", "plots=", "train.progress=", "runs_dir=")  # overrides that do not change what a step computes
+
+
+def settings_of(overrides: list[str], work: Path | None) -> set[str]:
+    """The overrides that say what a step computes, paths under `work` written as {work}/..."""
+    return {o.replace(f"{work}/", "{work}/") if work else o for o in overrides if not o.startswith(IGNORED)}
+
+
+def recorded(folder: Path, work: Path) -> set[str] | None:
+    """The settings the finished step in `folder` ran with, from Hydra's record (None: no record).
+
+    Its paths are read relative to the --work it ran in (Hydra's run.dir less the step's place under --work), so a
+    step copied from another --work folder along with what it read still matches."""
+    import yaml
+
+    try:
+        overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
+        run_dir = Path(yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())["hydra"]["run"]["dir"])
+    except (OSError, KeyError, TypeError):
+        return None
+    rel = folder.relative_to(work)
+    was = Path(*run_dir.parts[:-len(rel.parts)]) if run_dir.parts[-len(rel.parts):] == rel.parts else None
+    return settings_of([str(o) for o in overrides], was)
+
+
+def run(args: list[str], folder: Path, done: Path, work: Path, redo: bool = False) -> None:
     """`kdtool ARGS` into `folder` (its Hydra run folder) unless `done` exists; stop with the log's tail if it fails.
 
     Training stages continue an interrupted run in `folder` (resume=auto); the others start again in a clean one.
+    A step already (or partly) run with other settings (--epochs, --override, ...) stops the script rather than mix
+    two settings in one table, or with `redo` is run again.
     """
+    had, want = recorded(folder, work), settings_of(args[1:], work)  # args[0]: the subcommand
+    if had is not None and had != want:
+        differ = f"{' '.join(sorted(had - want)) or '-'} instead of {' '.join(sorted(want - had)) or '-'}"
+        if not redo:
+            raise SystemExit(f"prune_cifar10: {folder} was run with other settings ({differ}): give another --work, "
+                             f"or delete {folder}")
+        print(f"prune_cifar10: {folder} was run with other settings ({differ}): again", flush=True)
+        shutil.rmtree(folder)
     if done.exists():
-        print(f"prune_cifar10: {done} is there: skipped", flush=True)
+        print(f"prune_cifar10: {done} is there{'' if had else ' (no record of its settings)'}: skipped", flush=True)
         return
     if args[0] in ("train-teacher", "distill"):
         args = [*args, "resume=auto"]
@@ -142,29 +178,28 @@ def main(argv: list[str] | None = None) -> None:
     teacher = work / "teacher" / "best.pt"
     run(["train-teacher", *data, *common, *train, "seed=0",
          *([f"teacher.name={args.teacher}"] if args.teacher else []),
-         *([f"train.epochs={args.teacher_epochs}"] if args.teacher_epochs else [])], work / "teacher", teacher)
+         *([f"train.epochs={args.teacher_epochs}"] if args.teacher_epochs else [])], work / "teacher", teacher, work)
     pruned = work / "prune" / "pruned.pt"
     run(["prune", f"checkpoint={teacher}", f"prune.target_macs={args.target}", f"prune.importance={args.importance}",
          f"prune.steps={args.prune_steps}", *common, *speed],
-        work / "prune", pruned)
+        work / "prune", pruned, work)
     for s in args.seeds:
         rec = work / "recover" / f"seed_{s}"
         run(["distill", *data, *common, *train, f"student.checkpoint={pruned}", f"teacher.checkpoint={teacher}",
              "baseline=true", f"seed={s}", *([f"train.epochs={args.epochs}"] if args.epochs else []),
              *([f"train.lr={args.lr}"] if args.lr else []), *args.override],
-            rec, rec / "baseline" / "results.json")
+            rec, rec / "baseline" / "results.json", work)
         run(["export", f"checkpoint={rec / 'best.pt'}", "formats=[onnx,onnx_int8]", "int8.allow_drop=true",
              f"int8.calibration_images={args.calibration_images}", f"seed={s}", *common],
-            work / "export" / f"seed_{s}", work / "export" / f"seed_{s}" / "manifest.json")
+            work / "export" / f"seed_{s}", work / "export" / f"seed_{s}" / "manifest.json", work)
     ckpts = [teacher, pruned]
     for s in args.seeds:
         rec, exp = work / "recover" / f"seed_{s}", work / "export" / f"seed_{s}"
         ckpts += [rec / "baseline" / "best.pt", rec / "best.pt", exp / "model.onnx", exp / "model.int8.onnx"]
     evaluation = work / "evaluate" / "evaluation.json"
-    if evaluation.exists() and [r["path"] for r in json.loads(evaluation.read_text())["models"] if r.get("path")] \
-            != [str(p) for p in ckpts]:
-        shutil.rmtree(evaluation.parent)  # it measured other runs (other seeds): measure again, all in one process
-    run(["evaluate", f"checkpoints=[{','.join(map(str, ckpts))}]", *speed, *common], work / "evaluate", evaluation)
+    # other seeds (another list of checkpoints) are measured again, all in one process
+    run(["evaluate", f"checkpoints=[{','.join(map(str, ckpts))}]", *speed, *common], work / "evaluate", evaluation, work,
+        redo=True)
     summary = summarise(work, args, json.loads(evaluation.read_text()))
     (work / "prune_cifar10.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = markdown(summary)

@@ -65,3 +65,68 @@ def test_targets_met_and_missed_from_the_rows(pc, tmp_path):
     assert "recovery 12 epochs (+strategy=nst);" in text.splitlines()[0]
     assert "| distilled above the same pruned model fine-tuned without a teacher | +0.53 points (mean); ahead in 2 " \
            "of 3 seeds | MET |" in text
+
+
+def finished_step(folder: Path, ran_in: Path, overrides: list[str]) -> Path:
+    """A step folder as kdtool leaves it: Hydra's record of its overrides and run folder, and its output."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  run:\n    dir: {ran_in}\n")
+    (folder / "results.json").write_text("{}")
+    return folder / "results.json"
+
+
+@pytest.fixture
+def launched(pc, monkeypatch):
+    """The kdtool commands run() starts (none really runs: each one 'succeeds' at once)."""
+    calls = []
+
+    def fake(cmd, **kwargs):
+        calls.append(cmd)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(pc.subprocess, "run", fake)
+    return calls
+
+
+def test_a_finished_step_with_the_same_settings_is_skipped_even_when_copied_from_another_work(pc, tmp_path, launched):
+    old, work = tmp_path / "old", tmp_path / "new"
+    folder = work / "recover" / "seed_0"
+    # copied from old/: its paths point into old/, and it ran with resume=auto and plots=false
+    done = finished_step(folder, old / "recover" / "seed_0",
+                         ["seed=0", "train.epochs=12", f"student.checkpoint={old}/prune/pruned.pt", "resume=auto"])
+    pc.run(["distill", "seed=0", "train.epochs=12", f"student.checkpoint={work}/prune/pruned.pt", "plots=false"],
+           folder, done, work)
+    assert launched == [] and done.exists()
+
+
+def test_a_step_run_with_other_settings_stops_the_script_and_keeps_its_files(pc, tmp_path, launched):
+    work = tmp_path / "w"
+    folder = work / "recover" / "seed_0"
+    done = finished_step(folder, folder, ["seed=0", "strategies.soft_targets.weight=0.9"])
+    with pytest.raises(SystemExit) as stop:
+        pc.run(["distill", "seed=0", "strategies.soft_targets.weight=0.3"], folder, done, work)
+    assert "(strategies.soft_targets.weight=0.9 instead of strategies.soft_targets.weight=0.3)" in str(stop.value)
+    assert "give another --work" in str(stop.value)
+    assert launched == [] and done.exists()
+
+
+def test_a_partly_run_training_with_other_settings_is_not_resumed(pc, tmp_path, launched):
+    work = tmp_path / "w"
+    folder = work / "recover" / "seed_0"
+    finished_step(folder, folder, ["seed=0", "train.epochs=4"]).unlink()  # interrupted: no results yet
+    with pytest.raises(SystemExit, match="train.epochs=4 instead of train.epochs=12"):
+        pc.run(["distill", "seed=0", "train.epochs=12"], folder, folder / "results.json", work)
+    assert launched == []
+
+
+def test_the_evaluation_is_measured_again_when_its_settings_changed(pc, tmp_path, launched):
+    work = tmp_path / "w"
+    folder = work / "evaluate"
+    done = finished_step(folder, folder, [f"checkpoints=[{work}/a.pt]"])
+    pc.run(["evaluate", f"checkpoints=[{work}/a.pt,{work}/b.pt]"], folder, done, work, redo=True)
+    assert not done.exists()  # the old measurement is gone, and kdtool evaluate ran again into the folder
+    assert len(launched) == 1 and f"checkpoints=[{work}/a.pt,{work}/b.pt]" in launched[0]
+    pc.run(["evaluate", f"checkpoints=[{work}/a.pt]"], folder, finished_step(folder, folder, [f"checkpoints=[{work}/a.pt]"]),
+           work, redo=True)
+    assert len(launched) == 1  # the same settings again: kept
