@@ -64,6 +64,16 @@ def test_truncated_foreign_and_missing_files_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_an_onnx_file_given_as_a_checkpoint_is_named_as_one_not_as_code(tmp_path):
+    """An exported model handed to prune/export/distill: the message says what it is, not 'pickled objects'."""
+    model = tmp_path / "model.int8.onnx"
+    model.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))  # how an ONNX protobuf begins
+    with pytest.raises(KdtoolError) as info:
+        load_checkpoint(model)
+    assert str(info.value).startswith(f"{model} is not a kdtool checkpoint: it is an ONNX model")
+    assert "could run code" not in str(info.value)
+
+
 def _write_some(f, data: bytes) -> None:
     """Write through whatever torch.save was handed: a path or an open file."""
     if hasattr(f, "write"):
