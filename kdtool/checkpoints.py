@@ -180,8 +180,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         head = f.read(2)
     if head != b"PK" and head[:1] != b"\x80":  # neither a zip (torch.save) nor a pickle (torch's legacy format)
-        hint = (": it is an ONNX model, which only `kdtool evaluate` reads; the other stages need the .pt checkpoint "
-                "it was exported from") if path.suffix.lower() == ".onnx" else " (torch.save writes zip files)"
+        hint = (": an .onnx file (an exported model) is read only by `kdtool evaluate`; the other stages need the .pt "
+                "checkpoint it was exported from") if path.suffix.lower() == ".onnx" else " (torch.save writes zip files)"
         raise KdtoolError(f"{path} is not a kdtool checkpoint{hint}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)

@@ -70,7 +70,7 @@ def test_an_onnx_file_given_as_a_checkpoint_is_named_as_one_not_as_code(tmp_path
     model.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))  # how an ONNX protobuf begins
     with pytest.raises(KdtoolError) as info:
         load_checkpoint(model)
-    assert str(info.value).startswith(f"{model} is not a kdtool checkpoint: it is an ONNX model")
+    assert str(info.value).startswith(f"{model} is not a kdtool checkpoint: an .onnx file (an exported model)")
     assert "could run code" not in str(info.value)
 
 
