@@ -87,15 +87,18 @@ def kdtool() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "kdtool"]
 
 
-IGNORED = ("resume=", "plots=", "train.progress=", "runs_dir=")  # overrides that do not change what a step computes
+# overrides that do not change what a step computes (threads: the weights; it does change the timings of the others)
+IGNORED = ("resume=", "plots=", "train.progress=", "runs_dir=")
+TRAINING = ("train-teacher", "distill")
 
 
-def settings_of(overrides: list[str], work: Path | None) -> set[str]:
+def settings_of(overrides: list[str], work: Path | None, training: bool) -> set[str]:
     """The overrides that say what a step computes, paths under `work` written as {work}/..."""
-    return {o.replace(f"{work}/", "{work}/") if work else o for o in overrides if not o.startswith(IGNORED)}
+    ignored = IGNORED + (("threads=",) if training else ())
+    return {o.replace(f"{work}/", "{work}/") if work else o for o in overrides if not o.startswith(ignored)}
 
 
-def recorded(folder: Path, work: Path) -> set[str] | None:
+def recorded(folder: Path, work: Path, training: bool) -> set[str] | None:
     """The settings the finished step in `folder` ran with, from Hydra's record (None: no record).
 
     Its paths are read relative to the --work it ran in (Hydra's run.dir less the step's place under --work), so a
@@ -109,7 +112,7 @@ def recorded(folder: Path, work: Path) -> set[str] | None:
         return None
     rel = folder.relative_to(work)
     was = Path(*run_dir.parts[:-len(rel.parts)]) if run_dir.parts[-len(rel.parts):] == rel.parts else None
-    return settings_of([str(o) for o in overrides], was)
+    return settings_of([str(o) for o in overrides], was, training)
 
 
 def run(args: list[str], folder: Path, done: Path, work: Path, redo: bool = False) -> None:
@@ -119,7 +122,8 @@ def run(args: list[str], folder: Path, done: Path, work: Path, redo: bool = Fals
     A step already (or partly) run with other settings (--epochs, --override, ...) stops the script rather than mix
     two settings in one table, or with `redo` is run again.
     """
-    had, want = recorded(folder, work), settings_of(args[1:], work)  # args[0]: the subcommand
+    training = args[0] in TRAINING  # args[0]: the subcommand
+    had, want = recorded(folder, work, training), settings_of(args[1:], work, training)
     if had is not None and had != want:
         differ = f"{' '.join(sorted(had - want)) or '-'} instead of {' '.join(sorted(want - had)) or '-'}"
         if not redo:
@@ -130,7 +134,7 @@ def run(args: list[str], folder: Path, done: Path, work: Path, redo: bool = Fals
     if done.exists():
         print(f"prune_cifar10: {done} is there{'' if had else ' (no record of its settings)'}: skipped", flush=True)
         return
-    if args[0] in ("train-teacher", "distill"):
+    if training:
         args = [*args, "resume=auto"]
     elif folder.exists():
         shutil.rmtree(folder)

@@ -92,11 +92,11 @@ def launched(pc, monkeypatch):
 def test_a_finished_step_with_the_same_settings_is_skipped_even_when_copied_from_another_work(pc, tmp_path, launched):
     old, work = tmp_path / "old", tmp_path / "new"
     folder = work / "recover" / "seed_0"
-    # copied from old/: its paths point into old/, and it ran with resume=auto and plots=false
-    done = finished_step(folder, old / "recover" / "seed_0",
-                         ["seed=0", "train.epochs=12", f"student.checkpoint={old}/prune/pruned.pt", "resume=auto"])
-    pc.run(["distill", "seed=0", "train.epochs=12", f"student.checkpoint={work}/prune/pruned.pt", "plots=false"],
-           folder, done, work)
+    # copied from old/: its paths point into old/, and it ran with resume=auto, 2 threads and no plots=false
+    done = finished_step(folder, old / "recover" / "seed_0", ["seed=0", "train.epochs=12",
+                         f"student.checkpoint={old}/prune/pruned.pt", "resume=auto", "threads=2"])
+    pc.run(["distill", "seed=0", "train.epochs=12", f"student.checkpoint={work}/prune/pruned.pt", "plots=false",
+            "threads=1"], folder, done, work)
     assert launched == [] and done.exists()
 
 
@@ -130,3 +130,6 @@ def test_the_evaluation_is_measured_again_when_its_settings_changed(pc, tmp_path
     pc.run(["evaluate", f"checkpoints=[{work}/a.pt]"], folder, finished_step(folder, folder, [f"checkpoints=[{work}/a.pt]"]),
            work, redo=True)
     assert len(launched) == 1  # the same settings again: kept
+    # other threads time the models otherwise: measured again (for training they only change the speed)
+    pc.run(["evaluate", f"checkpoints=[{work}/a.pt]", "threads=1"], folder, done, work, redo=True)
+    assert len(launched) == 2
