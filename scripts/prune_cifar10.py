@@ -43,9 +43,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))  # run as a file or imported: the sibling helper below
 from subset_folder import link_subset  # noqa: E402
+
+from kdtool.summary import parse_overrides  # noqa: E402  (Hydra's overrides as {key: value}, as kdtool report reads them)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 
@@ -87,24 +91,24 @@ def kdtool() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "kdtool"]
 
 
-# overrides that do not change what a step computes (threads: the weights; it does change the timings of the others)
-IGNORED = ("resume=", "plots=", "train.progress=", "runs_dir=")
+# settings that do not change what a step computes; threads changes only the speed of a training step, but the
+# timings of the others
+IGNORED = {"resume", "plots", "train.progress", "runs_dir"}
 TRAINING = ("train-teacher", "distill")
 
 
-def settings_of(overrides: list[str], work: Path | None, training: bool) -> set[str]:
-    """The overrides that say what a step computes, paths under `work` written as {work}/..."""
-    ignored = IGNORED + (("threads=",) if training else ())
-    return {o.replace(f"{work}/", "{work}/") if work else o for o in overrides if not o.startswith(ignored)}
+def settings_of(overrides: list[str], work: Path | None, training: bool) -> dict[str, str]:
+    """The overrides that say what a step computes, {key: value}, paths under `work` written as {work}/..."""
+    ignored = IGNORED | ({"threads"} if training else set())
+    return {k: v.replace(f"{work}/", "{work}/") if work else v
+            for k, v in parse_overrides(overrides).items() if k not in ignored}
 
 
-def recorded(folder: Path, work: Path, training: bool) -> set[str] | None:
-    """The settings the finished step in `folder` ran with, from Hydra's record (None: no record).
+def recorded(folder: Path, work: Path, training: bool) -> dict[str, str] | None:
+    """The settings the step in `folder` ran with, from Hydra's record (None: no record).
 
     Its paths are read relative to the --work it ran in (Hydra's run.dir less the step's place under --work), so a
     step copied from another --work folder along with what it read still matches."""
-    import yaml
-
     try:
         overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
         run_dir = Path(yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())["hydra"]["run"]["dir"])
@@ -112,7 +116,7 @@ def recorded(folder: Path, work: Path, training: bool) -> set[str] | None:
         return None
     rel = folder.relative_to(work)
     was = Path(*run_dir.parts[:-len(rel.parts)]) if run_dir.parts[-len(rel.parts):] == rel.parts else None
-    return settings_of([str(o) for o in overrides], was, training)
+    return settings_of(overrides, was, training)
 
 
 def run(args: list[str], folder: Path, done: Path, work: Path, redo: bool = False) -> None:
@@ -125,7 +129,11 @@ def run(args: list[str], folder: Path, done: Path, work: Path, redo: bool = Fals
     training = args[0] in TRAINING  # args[0]: the subcommand
     had, want = recorded(folder, work, training), settings_of(args[1:], work, training)
     if had is not None and had != want:
-        differ = f"{' '.join(sorted(had - want)) or '-'} instead of {' '.join(sorted(want - had)) or '-'}"
+        keys = sorted(k for k in had.keys() | want.keys() if had.get(k) != want.get(k))
+        def listed(settings: dict[str, str]) -> str:
+            return " ".join(f"{k}={settings.get(k, '-')}" for k in keys)
+
+        differ = f"{listed(had)} instead of {listed(want)}"
         if not redo:
             raise SystemExit(f"prune_cifar10: {folder} was run with other settings ({differ}): give another --work, "
                              f"or delete {folder}")
