@@ -1,6 +1,7 @@
-"""scripts/int8_speed.py end to end on one narrow CIFAR ResNet (no timing is asserted): kdtool's own export
-writes the fp32/int8 pair, both are timed, the int8 profile names QLinearConv (the int8 model really runs int8
-convolutions), the GEMM ceiling is measured, and the table and its JSON are written."""
+"""scripts/int8_speed.py end to end on one narrow CIFAR ResNet and one pruned zoo teacher (no timing is asserted):
+kdtool's own export writes each fp32/int8 pair, both are timed at each thread count, the pruned teacher keeps at most
+the target share of its MACs, the int8 profile names QLinearConv (the int8 model really runs int8 convolutions), the
+GEMM ceiling is measured, and the table and its JSON are written."""
 
 import importlib.util
 import json
@@ -18,12 +19,19 @@ def test_int8_speed_writes_the_table_from_kdtool_exports(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "WIDTHS", {"narrow": (4, 4, 8, 8)})
     out = tmp_path / "int8.md"
-    args = ["--rounds", "1", "--repeats", "1", "--batch", "4", "--threads", "1", "--gemm-size", "64", "--out", str(out)]
+    args = ["--rounds", "1", "--repeats", "1", "--batch", "4", "--threads", "1", "2", "--gemm-size", "64",
+            "--pruned", "cifar_resnet8", "--target", "0.5", "--out", str(out)]
     assert module.main(args) == 0
     data = json.loads(out.with_suffix(".json").read_text())
-    (row,) = data["models"]
-    assert row["model"] == "narrow" and row["fp32_ips"] > 0 and row["int8_ips"] > 0
-    assert abs(row["ratio"] - row["int8_ips"] / row["fp32_ips"]) < 1e-9
+    pruned, narrow = data["models"]
+    assert narrow["model"] == "narrow"
+    name, share = pruned["model"].split(" pruned to ")
+    assert name == "cifar_resnet8" and float(share.split("%")[0]) <= 50.0
+    for row in (narrow, pruned):
+        assert sorted(row["threads"]) == ["1", "2"]
+        for t in row["threads"].values():
+            assert t["fp32_ips"] > 0 and t["int8_ips"] > 0 and abs(t["ratio"] - t["int8_ips"] / t["fp32_ips"]) < 1e-9
     assert "QLinearConv" in data["int8_profile"]
     assert data["gemm_gops"]["fp32"] > 0 and data["gemm_gops"]["int8"] > 0
-    assert "| narrow |" in out.read_text()
+    text = out.read_text()
+    assert "| narrow |" in text and "| cifar_resnet8 pruned to " in text and "int8 / fp32, 2 thr" in text
