@@ -9,7 +9,8 @@ fp32 ONNX. Every step is the real `kdtool` command, each in its own folder under
   3. recover/seed_S/   kdtool distill experiment=cifar10_kd student.checkpoint=prune/pruned.pt
                        teacher.checkpoint=teacher/best.pt baseline=true seed=S (distilled in the folder, fine-tuned
                        alone in baseline/; the recipe's student budget, 8 epochs, unless --epochs;
-                       --override adds Hydra overrides, e.g. +strategy=nst: another term beside soft targets)
+                       --override adds Hydra overrides, e.g. +strategy=nst: another term beside soft targets;
+                       --jobs N recovers N seeds at once, the training threads shared among them)
   4. export/seed_S/    kdtool export of the distilled model: formats [onnx, onnx_int8] (int8.allow_drop=true:
                        the int8 loss is measured here and judged in step 6, not gated)
   5. evaluate/         one kdtool evaluate over all of them, ONNX files included, so accuracy, MACs and throughput
@@ -23,6 +24,7 @@ with other settings (Hydra's record in its folder) stops the script, except the 
   python scripts/prune_cifar10.py --work runs/prune_cifar10                  # the full measurement
   python scripts/prune_cifar10.py --work /tmp/pc10 --quick                   # a check that it runs (minutes)
   python scripts/prune_cifar10.py --work W --teacher-epochs 15 --epochs 8 --train-per-class 1000   # sized down
+  python scripts/prune_cifar10.py --work W --threads 1 --train-threads 2 --jobs 3   # 3 seeds at once, timed on 1 thread
 
 Data: ../shared/data/cifar10 (train/<class>/*.jpg: 45,000; val/<class>/*.jpg: 9,000, used as the test split;
 validation is 5,000 images held out of train/, split seed 0 for every run). --train-per-class /
@@ -41,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -75,10 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batches", type=int, default=None, help="limit_train_batches: batches per epoch")
     p.add_argument("--eval-batches", type=int, default=None, help="limit_eval_batches: batches per evaluation")
     p.add_argument("--calibration-images", type=int, default=512, help="int8.calibration_images (training images)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (and onnxruntime's, for the timing)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch (and onnxruntime) threads of the steps that time models: prune, export, evaluate; "
+                        "and of training unless --train-threads")
+    p.add_argument("--train-threads", type=int, default=None,
+                   help="torch threads of the training steps (default: --threads, which then times the models only)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds recovered at once, as separate processes sharing the training threads (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="a check of the machinery: 20/10 images per class, 1 epoch each, short timing, 1 seed")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     if args.quick:
         args.train_per_class, args.test_per_class = args.train_per_class or 20, args.test_per_class or 10
         args.teacher_epochs, args.epochs, args.calibration_images = 1, 1, 64
@@ -176,9 +187,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"prune_cifar10: {args.data} has no train/ folder (CIFAR-10 as JPEG class folders, see "
                          "../shared/README.md); pass --data")
     root = subset(args.data.resolve(), work, args.train_per_class, args.test_per_class)
-    # every stage: threads and limits; prune, export and evaluate read the data set from the checkpoints
-    common = ["plots=false", *([f"threads={args.threads}"] if args.threads else []),
-              *([f"limit_eval_batches={args.eval_batches}"] if args.eval_batches else [])]
+    # every stage: plots off and the limits; prune, export and evaluate read the data set from the checkpoints, and
+    # time the models with --threads
+    common = ["plots=false", *([f"limit_eval_batches={args.eval_batches}"] if args.eval_batches else [])]
+    timed = [*common, *([f"threads={args.threads}"] if args.threads else [])]
+    # the training steps with --train-threads; --jobs > 1 recovers the seeds side by side, the threads shared among
+    # them (threads is not a setting of a training step, so a run continued with other threads or --jobs matches)
+    train_threads = args.train_threads or args.threads
+    jobs = min(args.jobs, len(args.seeds))
+    if jobs > 1:
+        train_threads = train_threads or os.cpu_count() or 1
+    threads = [f"threads={train_threads}"] if train_threads else []
+    threads_each = [f"threads={max(1, train_threads // jobs)}"] if train_threads else []
     train = ["train.progress=false", *([f"limit_train_batches={args.train_batches}"] if args.train_batches else [])]
     # the project's CIFAR-10 recipe (configs/experiment/cifar10_kd.yaml) on these images
     data = ["experiment=cifar10_kd", f"dataset.root={root}"]
@@ -188,21 +208,28 @@ def main(argv: list[str] | None = None) -> None:
              ["speed.batch1_runs=100", "speed.throughput_runs=30", "speed.min_seconds=2"])
 
     teacher = work / "teacher" / "best.pt"
-    run(["train-teacher", *data, *common, *train, "seed=0",
+    run(["train-teacher", *data, *common, *threads, *train, "seed=0",
          *([f"teacher.name={args.teacher}"] if args.teacher else []),
          *([f"train.epochs={args.teacher_epochs}"] if args.teacher_epochs else [])], work / "teacher", teacher, work)
     pruned = work / "prune" / "pruned.pt"
     run(["prune", f"checkpoint={teacher}", f"prune.target_macs={args.target}", f"prune.importance={args.importance}",
-         f"prune.steps={args.prune_steps}", *common, *speed],
+         f"prune.steps={args.prune_steps}", *timed, *speed],
         work / "prune", pruned, work)
-    for s in args.seeds:
+
+    def recover(s: int) -> None:
         rec = work / "recover" / f"seed_{s}"
-        run(["distill", *data, *common, *train, f"student.checkpoint={pruned}", f"teacher.checkpoint={teacher}",
-             "baseline=true", f"seed={s}", *([f"train.epochs={args.epochs}"] if args.epochs else []),
+        run(["distill", *data, *common, *threads_each, *train, f"student.checkpoint={pruned}",
+             f"teacher.checkpoint={teacher}", "baseline=true", f"seed={s}", *([f"train.epochs={args.epochs}"] if args.epochs else []),
              *([f"train.lr={args.lr}"] if args.lr else []), *args.override],
             rec, rec / "baseline" / "results.json", work)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for done in [pool.submit(recover, s) for s in args.seeds]:
+            done.result()  # the first failure stops the script (the others finish their run first)
+    for s in args.seeds:
+        rec = work / "recover" / f"seed_{s}"
         run(["export", f"checkpoint={rec / 'best.pt'}", "formats=[onnx,onnx_int8]", "int8.allow_drop=true",
-             f"int8.calibration_images={args.calibration_images}", f"seed={s}", *common],
+             f"int8.calibration_images={args.calibration_images}", f"seed={s}", *timed],
             work / "export" / f"seed_{s}", work / "export" / f"seed_{s}" / "manifest.json", work)
     ckpts = [teacher, pruned]
     for s in args.seeds:
@@ -210,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpts += [rec / "baseline" / "best.pt", rec / "best.pt", exp / "model.onnx", exp / "model.int8.onnx"]
     evaluation = work / "evaluate" / "evaluation.json"
     # other seeds (another list of checkpoints) are measured again, all in one process
-    run(["evaluate", f"checkpoints=[{','.join(map(str, ckpts))}]", *speed, *common], work / "evaluate", evaluation, work,
+    run(["evaluate", f"checkpoints=[{','.join(map(str, ckpts))}]", *speed, *timed], work / "evaluate", evaluation, work,
         redo=True)
     summary = summarise(work, args, json.loads(evaluation.read_text()))
     (work / "prune_cifar10.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -279,11 +306,14 @@ def markdown(summary: dict) -> str:
         return fmt.format(s["mean"]) + ("" if s["std"] is None else " ± " + fmt.format(s["std"]))
 
     settings, prune = summary["settings"], summary["prune"]
+    training = settings.get("train_threads") or settings.get("threads") or "all"
     lines = [f"CIFAR-10 test split ({summary['test_images']:,} images); seeds {summary['seeds']}; pruned by "
              f"{prune['importance']} importance in {prune['steps']} step(s); recovery "
              f"{settings.get('epochs') or 'the recipe (8)'} epochs"
              f"{' (' + ' '.join(settings['override']) + ')' if settings.get('override') else ''}; "
-             f"{settings.get('threads') or 'all'} thread(s) in training and timing; {summary['machine']}", "",
+             f"{training} thread(s) in training, {settings.get('threads') or 'all'} in timing"
+             f"{', the seeds recovered ' + str(settings['jobs']) + ' at once' if settings.get('jobs', 1) > 1 else ''}; "
+             f"{summary['machine']}", "",
              "| model | params | MACs / image | test top-1 % | images/s (batch 64) |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in summary["table"]:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {ms(r['acc1'], '{:.2f}')} | "

@@ -50,7 +50,8 @@ def fake_run(tmp_path, tuned, distilled, fp32_ips, int8_ips, int8_acc):
 def test_targets_met_and_missed_from_the_rows(pc, tmp_path):
     work, evaluation = fake_run(tmp_path, tuned=[82.0, 82.2, 82.4], distilled=[83.2, 83.0, 82.0],
                                 fp32_ips=1000.0, int8_ips=2100.0, int8_acc=[83.0, 82.9, 81.0])
-    args = pc.parse_args(["--work", str(work), "--epochs", "12", "--override", "+strategy=nst"])
+    args = pc.parse_args(["--work", str(work), "--epochs", "12", "--override", "+strategy=nst", "--threads", "1",
+                          "--train-threads", "2", "--jobs", "3"])
     summary = pc.summarise(work, args, evaluation)
     met = {t["target"]: (t["measured"], t["met"]) for t in summary["targets"]}
     # distilled mean 82.733: 1.27 below the teacher (missed), 0.53 above fine-tuning (met), ahead in 2 of 3 seeds
@@ -62,7 +63,8 @@ def test_targets_met_and_missed_from_the_rows(pc, tmp_path):
     assert met["int8 runs >= 2x the fp32 ONNX throughput"] == ("2.10x (mean, batch 64)", True)
     assert met["pruned to <= 30% of the teacher's MACs"] == ("25.0% kept", True)
     text = pc.markdown(summary)
-    assert "recovery 12 epochs (+strategy=nst);" in text.splitlines()[0]
+    assert "recovery 12 epochs (+strategy=nst); 2 thread(s) in training, 1 in timing, the seeds recovered 3 at " \
+           "once;" in text.splitlines()[0]
     assert "| distilled above the same pruned model fine-tuned without a teacher | +0.53 points (mean); ahead in 2 " \
            "of 3 seeds | MET |" in text
 
@@ -133,3 +135,41 @@ def test_the_evaluation_is_measured_again_when_its_settings_changed(pc, tmp_path
     # other threads time the models otherwise: measured again (for training they only change the speed)
     pc.run(["evaluate", f"checkpoints=[{work}/a.pt]", "threads=1"], folder, done, work, redo=True)
     assert len(launched) == 2
+
+
+def test_jobs_recover_the_seeds_side_by_side_sharing_the_threads(pc, tmp_path, monkeypatch):
+    """--jobs 3: the three distill commands run at once (each waits at a barrier for the other two: one by one
+    they would never meet), sharing --train-threads 6 (2 each); prune, export and evaluate time with --threads 1."""
+    import threading
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    meet, calls = threading.Barrier(3, timeout=10), []
+
+    class Evaluated(Exception):
+        pass
+
+    def fake(cmd, **kwargs):
+        calls.append(cmd)
+        if cmd[1] == "distill":
+            meet.wait()
+        if cmd[1] == "evaluate":
+            raise Evaluated
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(pc.subprocess, "run", fake)
+    monkeypatch.setattr(pc, "kdtool", lambda: ["kdtool"])
+    with pytest.raises(Evaluated):
+        pc.main(["--work", str(tmp_path / "w"), "--data", str(tmp_path / "data"), "--threads", "1", "--train-threads", "6",
+                 "--jobs", "3"])
+    threads = {c[1]: [a for a in c if a.startswith("threads=")] for c in calls}
+    assert [c[1] for c in calls] == ["train-teacher", "prune", "distill", "distill", "distill", "export", "export",
+                                     "export", "evaluate"]
+    assert sorted(a for c in calls if c[1] == "distill" for a in c if a.startswith("seed=")) == ["seed=0", "seed=1", "seed=2"]
+    assert threads == {"train-teacher": ["threads=6"], "prune": ["threads=1"], "distill": ["threads=2"],
+                       "export": ["threads=1"], "evaluate": ["threads=1"]}
+
+
+def test_jobs_below_one_is_refused(pc, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pc.parse_args(["--work", str(tmp_path), "--jobs", "0"])
+    assert "--jobs must be at least 1" in capsys.readouterr().err
