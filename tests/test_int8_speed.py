@@ -35,3 +35,14 @@ def test_int8_speed_writes_the_table_from_kdtool_exports(tmp_path, monkeypatch):
     assert data["gemm_gops"]["fp32"] > 0 and data["gemm_gops"]["int8"] > 0
     text = out.read_text()
     assert "| narrow |" in text and "| cifar_resnet8 pruned to " in text and "int8 / fp32, 2 thr" in text
+
+
+@pytest.mark.parametrize("flags, isa", [("avx2 avx512f avx512bw avx512_vnni", "AVX-512 VNNI"), ("avx2 avx_vnni", "AVX-VNNI"),
+                                        ("avx2 avx512f avx512bw", "AVX-512, no VNNI"), ("sse4_2 avx avx2", "AVX2, no VNNI")])
+def test_the_table_names_the_cpus_int8_instructions(flags, isa):
+    """The int8 speed-up depends on them (VNNI or not), so the table's header says which the CPU has."""
+    spec = importlib.util.spec_from_file_location("int8_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cpuinfo = f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu {flags} sha_ni\n"
+    assert module.cpu_name(cpuinfo) == f"AMD EPYC, {isa}"
