@@ -219,13 +219,19 @@ def main(argv: list[str] | None = None) -> None:
     def recover(s: int) -> None:
         rec = work / "recover" / f"seed_{s}"
         run(["distill", *data, *common, *threads_each, *train, f"student.checkpoint={pruned}",
-             f"teacher.checkpoint={teacher}", "baseline=true", f"seed={s}", *([f"train.epochs={args.epochs}"] if args.epochs else []),
-             *([f"train.lr={args.lr}"] if args.lr else []), *args.override],
+             f"teacher.checkpoint={teacher}", "baseline=true", f"seed={s}",
+             *([f"train.epochs={args.epochs}"] if args.epochs else []), *([f"train.lr={args.lr}"] if args.lr else []),
+             *args.override],
             rec, rec / "baseline" / "results.json", work)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for done in [pool.submit(recover, s) for s in args.seeds]:
-            done.result()  # the first failure stops the script (the others finish their run first)
+        futures = [pool.submit(recover, s) for s in args.seeds]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # a failed recovery stops the script: those running end, those not started are dropped
+            pool.shutdown(cancel_futures=True)
+            raise
     for s in args.seeds:
         rec = work / "recover" / f"seed_{s}"
         run(["export", f"checkpoint={rec / 'best.pt'}", "formats=[onnx,onnx_int8]", "int8.allow_drop=true",

@@ -173,3 +173,19 @@ def test_jobs_below_one_is_refused(pc, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pc.parse_args(["--work", str(tmp_path), "--jobs", "0"])
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_failed_recovery_among_jobs_stops_the_script_before_export(pc, tmp_path, monkeypatch):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    calls = []
+
+    def fake(cmd, **kwargs):
+        calls.append(cmd)
+        failed = cmd[1] == "distill" and "seed=1" in cmd
+        return type("Done", (), {"returncode": 1 if failed else 0})()
+
+    monkeypatch.setattr(pc.subprocess, "run", fake)
+    monkeypatch.setattr(pc, "kdtool", lambda: ["kdtool"])
+    with pytest.raises(SystemExit, match=r"failed \(exit 1\)"):
+        pc.main(["--work", str(tmp_path / "w"), "--data", str(tmp_path / "data"), "--jobs", "2"])
+    assert "export" not in [c[1] for c in calls] and "evaluate" not in [c[1] for c in calls]
